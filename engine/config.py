@@ -1,0 +1,235 @@
+"""The run configuration: a tree of small dataclasses, JSON on disk, validated on load.
+
+Each component receives its own sub-config (``ModelConfig`` to the model loader,
+``TrainConfig`` to the trainer, ...), never the root. ``load_config`` resolves a config name
+(working directory first, then the repository's ``configs/``), applies ``--set`` overrides and
+reports any unknown key, wrong type or out-of-range value with the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from engine.configtree import ConfigError, apply_overrides, build_dataclass, read_json, require, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+ARCHS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) instead of full fine-tuning."""
+
+    rank: int = 0
+    """Adapter rank; 0 trains the full UNet."""
+    alpha: float | None = None
+    """LoRA scaling numerator (alpha / rank); None means alpha = rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (suffixes) that get adapters."""
+
+    def __post_init__(self):
+        require(self.rank >= 0, "rank", f"must be >= 0, got {self.rank}")
+        require(bool(self.target_modules), "target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to run it."""
+
+    path: str | None = None
+    """Local diffusers-format folder (model_index.json, unet/, text_encoder/, ...). Never a hub id."""
+    arch: Literal["tiny-sd15", "tiny-sdxl", "sd15", "sdxl"] | None = None
+    """Build this architecture with random weights instead of loading ``path`` (tests, benchmarks)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention backend; xformers falls back to SDPA with one warning where it cannot run."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass (SDXL needs it)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the scheduler's prediction type (None: as the scheduler config says)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Adapters; rank 0 trains the whole UNet."""
+
+    def __post_init__(self):
+        require((self.path is None) != (self.arch is None), "path",
+                "set exactly one of model.path (a local diffusers folder) and model.arch")
+
+
+@dataclass
+class DataConfig:
+    """Preference pairs and their pre-encoded cache."""
+
+    train: list[str] = field(default_factory=list)
+    """Pick-a-Pic v2 parquet files or globs (local paths)."""
+    cache_dir: str | None = None
+    """Where pre-encoded latents and text embeddings go (default: <run_dir>/cache/seed)."""
+    resolution: int | None = None
+    """Training image size in pixels (None: the UNet's sample size times the VAE factor)."""
+    random_crop: bool = False
+    """Random instead of centre crop at pre-encoding (crop kept for SDXL time ids)."""
+    random_flip: bool = True
+    """Horizontal flip with probability 0.5, the same for both images of a pair."""
+    empty_prompt_prob: float = 0.2
+    """Fraction of training pairs whose prompt is replaced by the empty prompt (reference: 20%)."""
+    max_pairs: int | None = None
+    """Use at most this many pairs (after ties and bad rows are dropped)."""
+    encode_batch_size: int = 16
+    """Images per VAE / text-encoder batch in the pre-encoding pass."""
+    decoder: Literal["pil", "dali"] = "pil"
+    """Image decoding backend of the pre-encoding pass."""
+
+    def __post_init__(self):
+        require(0.0 <= self.empty_prompt_prob < 1.0, "empty_prompt_prob",
+                f"must be in [0, 1), got {self.empty_prompt_prob}")
+        require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
+        require(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be > 0")
+        require(self.encode_batch_size > 0, "encode_batch_size", "must be > 0")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer choice and hyper-parameters."""
+
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    """adamw (torch / DeepSpeed), adamw8bit (bitsandbytes), adafactor (transformers, SDXL recipe)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.eps > 0, "eps", "must be > 0")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warm-up, then constant or cosine decay to zero."""
+
+    name: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """One Diffusion-DPO training stage."""
+
+    beta: float = 5000.0
+    """DPO temperature, calibrated to the per-sample mean error (METHOD.md section 1)."""
+    steps: int = 2000
+    """Optimizer steps."""
+    micro_batch_pairs: int = 1
+    """Pairs per rank per forward pass (2x images)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad_norm: float = 1.0
+    """Global gradient-norm clipping; 0 disables."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    save_every: int = 0
+    """Step checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept on disk."""
+    log_every: int = 10
+    """Host sync + TensorBoard/tqdm update every this many steps."""
+
+    def __post_init__(self):
+        require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        require(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
+        require(self.micro_batch_pairs > 0, "micro_batch_pairs", "must be > 0")
+        require(self.grad_accum > 0, "grad_accum", "must be > 0")
+        require(self.clip_grad_norm >= 0, "clip_grad_norm", "must be >= 0")
+        require(self.save_every >= 0, "save_every", "must be >= 0")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        require(self.log_every > 0, "log_every", "must be > 0")
+
+
+@dataclass
+class DistributedConfig:
+    """How the trainer is distributed."""
+
+    backend: Literal["auto", "local", "deepspeed"] = "auto"
+    """auto: DeepSpeed when started by a distributed launcher, else local (one process)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer states to CPU (not with bitsandbytes optimizers)."""
+    global_batch_pairs: int | None = None
+    """If set, must equal micro_batch_pairs x grad_accum x world size (checked at start)."""
+    deepspeed: dict = field(default_factory=dict)
+    """Passthrough: merged last into the derived DeepSpeed config, for rare knobs."""
+
+    def __post_init__(self):
+        require(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0-3, got {self.zero_stage}")
+        require(self.global_batch_pairs is None or self.global_batch_pairs > 0, "global_batch_pairs", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """The root of a run's configuration."""
+
+    name: str = "run"
+    """Run name; the run directory defaults to runs/<name>."""
+    method: Literal["dpo", "sail", "online_dpo", "sspo"] = "dpo"
+    """dpo: one Diffusion-DPO stage; sail / online_dpo: the iterative loop; sspo: later."""
+    seed: int = 0
+    run_dir: str | None = None
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="tiny-sd15"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def find_config(name: str) -> Path:
+    """``name`` as given, else in the working directory, else in the repository's configs/."""
+    candidates = [Path(name), Path.cwd() / name, CONFIG_DIR / name, CONFIG_DIR / f"{name}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"config {name!r} not found (looked in {Path.cwd()} and {CONFIG_DIR})")
+
+
+def load_config(name: str, overrides: list[str] = ()) -> RunConfig:
+    """Load, override and validate a config file; errors name the file and the key."""
+    path = find_config(name)
+    data = apply_overrides(read_json(path), list(overrides), str(path))
+    return build_dataclass(RunConfig, data, str(path))
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> RunConfig:
+    """Build a validated RunConfig from a plain dict (tests, resolved configs)."""
+    return build_dataclass(RunConfig, data, where)
+
+
+def config_to_dict(cfg) -> dict:
+    return to_dict(cfg)
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace, re-running validation."""
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = [
+    "ConfigError", "LoRAConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
+    "TrainConfig", "DistributedConfig", "RunConfig", "load_config", "config_from_dict",
+    "config_to_dict", "find_config", "REPO_ROOT",
+]

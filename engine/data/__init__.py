@@ -1,0 +1,1 @@
+"""Preference data: the Pick-a-Pic reader, image decoding and the pre-encoded pair cache."""

@@ -1,0 +1,118 @@
+"""Pre-encoding pass: Pick-a-Pic pairs -> VAE latents and text embeddings in a pair cache.
+
+Runs once before training so that training reads no image and runs no encoder; the frozen
+VAE and text encoders can then leave memory. Shards of ``shard_size`` pairs are assigned
+round-robin to ranks; each shard is written atomically, so an interrupted pass resumes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.config import DataConfig
+from engine.data.cache import PairBatch, finalize_cache, is_complete, shard_done, write_empty_prompt, write_shard
+from engine.data.images import prepare_pair
+from engine.data.pickapic import LoadReport, PairRef, iter_pair_images, scan_pickapic
+from engine.io import read_json
+from engine.models import Components, encode_prompts, sdxl_time_ids
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def encode_pixels(comps: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[B, 3, R, R] in [-1, 1] -> latents scaled for the UNet (identity for pixel-space models)."""
+    if comps.vae is None:
+        return pixels.float()
+    vae = comps.vae
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    return (dist.mean.float() + dist.std.float() * noise) * comps.latent_scale
+
+
+def default_resolution(comps: Components) -> int:
+    return int(comps.unet.config.sample_size) * comps.vae_factor
+
+
+def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resolution: int, seed: int,
+                  shard: int) -> tuple[PairBatch | None, list[str], list[str], LoadReport]:
+    report = LoadReport(kept=len(refs))
+    rng = np.random.default_rng([seed, shard])
+    gen = torch.Generator().manual_seed(seed * 100003 + shard)
+    pixels, origs, crops, captions, sources = [], [], [], [], []
+    for ref, winner, loser in iter_pair_images(refs, report):
+        px, orig, crop = prepare_pair(winner, loser, resolution, cfg.random_crop, cfg.random_flip, rng)
+        pixels.append(px)
+        origs.append(orig)
+        crops.append(crop)
+        captions.append(ref.caption)
+        sources.append(ref.row_id)
+    if not captions:
+        return None, [], [], report
+    latents, hidden, pooled = [], [], []
+    for i in range(0, len(captions), cfg.encode_batch_size):
+        chunk = torch.cat(pixels[i:i + cfg.encode_batch_size])        # [2b, 3, R, R] as w0,l0,w1,l1..
+        lat = encode_pixels(comps, chunk, gen)
+        latents.append(lat.view(-1, 2, *lat.shape[1:]))
+        cond = encode_prompts(comps.text_encoders, comps.tokenizers, captions[i:i + cfg.encode_batch_size])
+        hidden.append(cond.hidden.cpu())
+        if cond.pooled is not None:
+            pooled.append(cond.pooled.cpu())
+    lat = torch.cat(latents).cpu()
+    batch = PairBatch(lat[:, 0], lat[:, 1], torch.cat(hidden), torch.cat(pooled) if pooled else None)
+    if comps.kind == "sdxl":
+        orig, crop = torch.stack(origs), torch.stack(crops)            # [n, 2(w/l), 2]
+        batch.time_ids_w = sdxl_time_ids(orig[:, 0], crop[:, 0], (resolution, resolution))
+        batch.time_ids_l = sdxl_time_ids(orig[:, 1], crop[:, 1], (resolution, resolution))
+    return batch, captions, sources, report
+
+
+def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *, seed: int = 0, rank: int = 0,
+                    world_size: int = 1, barrier: Callable[[], None] = lambda: None, shard_size: int = 256,
+                    progress: bool = True) -> Path:
+    """Encode ``cfg.train`` into ``cache_dir`` (no-op when already complete); returns the folder.
+
+    Every rank validates all files first (cheap columns only), so bad data fails before any
+    image is decoded; then each rank encodes its shards; rank 0 writes the index and meta.
+    """
+    cache_dir = Path(cache_dir)
+    if is_complete(cache_dir):
+        return cache_dir
+    refs, report = scan_pickapic(cfg.train, cfg.max_pairs)
+    log.info("preference data: %s", report.summary())
+    resolution = cfg.resolution or default_resolution(comps)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = (len(refs) + shard_size - 1) // shard_size
+    mine = [s for s in range(num_shards) if s % world_size == rank and not shard_done(cache_dir, s)]
+    for shard in tqdm(mine, desc="pre-encode", disable=not progress or rank != 0):
+        part = refs[shard * shard_size:(shard + 1) * shard_size]
+        batch, captions, sources, shard_report = _encode_shard(comps, part, cfg, resolution, seed, shard)
+        if batch is None:
+            raise ValueError(f"shard {shard}: no decodable pair ({shard_report.summary()})")
+        write_shard(cache_dir, shard, batch, captions, sources,
+                    {"undecodable": shard_report.undecodable, "ids": shard_report.undecodable_ids})
+    if rank == 0:
+        empty = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
+        write_empty_prompt(cache_dir, empty.hidden.cpu(), None if empty.pooled is None else empty.pooled.cpu())
+    barrier()
+    if rank == 0:
+        for shard in range(num_shards):
+            skipped = read_json(cache_dir / f"shard_{shard:05d}.json")["skipped"]
+            for row_id in skipped.get("ids", []):
+                report.note_undecodable(row_id)
+            extra = skipped.get("undecodable", 0) - len(skipped.get("ids", []))
+            report.undecodable += extra
+            report.kept -= extra
+        if report.undecodable:
+            log.warning("skipped %d pairs with undecodable images (first: %s)", report.undecodable,
+                        ", ".join(report.undecodable_ids))
+        meta = {"version": 1, "kind": comps.kind, "resolution": resolution, "pixel_space": comps.vae is None,
+                "report": report.__dict__, "sources": list(cfg.train)}
+        finalize_cache(cache_dir, num_shards, meta)
+    barrier()
+    return cache_dir

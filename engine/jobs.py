@@ -1,0 +1,109 @@
+"""Stages shared by the methods: base model, pre-encoding of the seed pairs, one DPO stage.
+
+Each function takes the sub-configs it needs and a strategy; the controller (or the plain
+``dpo`` job below) decides the order, the folders and the manifest records.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from engine.config import RunConfig, config_to_dict
+from engine.data.cache import PairCache, TrainSet
+from engine.data.encode import encode_pickapic
+from engine.io import write_json
+from engine.manifest import Manifest
+from engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
+                           set_attention_backend)
+from engine.strategy import Strategy, describe_strategy, make_strategy
+from engine.trainer import StageResult, train_dpo, write_stage_metrics
+
+log = logging.getLogger(__name__)
+
+
+def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
+    """The model folder the run starts from: ``model.path``, or ``model.arch`` built with random
+    weights and saved once into the run directory (so every stage loads models from disk)."""
+    if cfg.model.path:
+        return str(check_model_folder(cfg.model.path))
+    folder = cfg.resolved_run_dir / "base_model"
+    if strategy.is_main and not (folder / "model_index.json").is_file():
+        comps = build_components(cfg.model.arch, cfg.seed)
+        save_model_folder(folder, None, dict(comps.unet.config), comps, source=None)
+        # save_model_folder rebuilt the UNet from its config: write the seeded weights instead
+        comps.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    strategy.barrier()
+    return str(folder)
+
+
+def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Path:
+    """Pre-encode ``data.train`` with the base model's VAE and text encoder(s) (rank-parallel)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.resolved_run_dir / "cache" / "seed"
+    comps = load_components(model_dir)
+    for module in [comps.vae, *comps.text_encoders]:
+        if module is not None:
+            module.to(strategy.device)
+    encode_pickapic(cfg.data, comps, cache_dir, seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size,
+                    barrier=strategy.barrier)
+    return cache_dir
+
+
+def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
+                  stop_at: int | None = None, tag: str = "dpo") -> StageResult:
+    """DPO with init = reference = ``init_model``; writes ``out_dir/model`` and ``out_dir/metrics.json``."""
+    strategy = make_strategy(cfg.train, cfg.distributed)
+    comps = load_components(init_model, with_text=False, with_vae=False)
+    policy, reference = comps.unet, load_unet(init_model)   # the reference is loaded, never deep-copied
+    backend = set_attention_backend(policy, cfg.model.attention)
+    set_attention_backend(reference, cfg.model.attention)
+    if cfg.model.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    unet_config = dict(policy.config)
+    strategy.prepare(policy, reference, cfg.train.steps, len(train_set))
+    log.info("training: %s, attention %s", describe_strategy(strategy), backend)
+    t0 = time.perf_counter()
+    result = train_dpo(cfg.train, strategy, comps.noise_scheduler, train_set, out_dir, seed=seed,
+                       empty_prompt_prob=cfg.data.empty_prompt_prob, stop_at=stop_at, tag=tag)
+    if stop_at is not None and stop_at < cfg.train.steps:
+        return result
+    state = strategy.policy_state_dict()
+    if strategy.is_main:
+        save_model_folder(out_dir / "model", state, unet_config, comps, source=init_model)
+        write_stage_metrics(out_dir / "metrics.json", result, {
+            "seconds": time.perf_counter() - t0, "attention_backend": backend,
+            "strategy": describe_strategy(strategy), "init_model": init_model, "pairs": len(train_set)})
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    strategy.barrier()
+    strategy.close()
+    return result
+
+
+def run_dpo_job(cfg: RunConfig, stop_at: int | None = None) -> Path:
+    """method "dpo": pre-encode the preference set, one DPO stage from the base model."""
+    run_dir = cfg.resolved_run_dir
+    strategy = make_strategy(cfg.train, cfg.distributed)
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    manifest = Manifest(run_dir)
+    base = base_model_dir(cfg, strategy)
+    if not manifest.done(0, "encode"):
+        t0 = time.perf_counter()
+        cache_dir = encode_seed_pairs(cfg, strategy, base)
+        if strategy.is_main:
+            manifest.record(0, "encode", [str(cache_dir)], time.perf_counter() - t0)
+    cache_dir = Path(Manifest(run_dir).get(0, "encode")["outputs"][0])
+    out_dir = run_dir / "iter_000"
+    if not Manifest(run_dir).done(0, "train"):
+        t0 = time.perf_counter()
+        result = run_dpo_stage(cfg, base, TrainSet.from_cache(PairCache(cache_dir)), out_dir, seed=cfg.seed,
+                               stop_at=stop_at)
+        if stop_at is not None and stop_at < cfg.train.steps:
+            return out_dir
+        if strategy.is_main:
+            Manifest(run_dir).record(0, "train", [str(out_dir / "model")], time.perf_counter() - t0)
+            write_json(run_dir / "metrics.json", {"iter_000": result.metrics})
+    strategy.barrier()
+    return out_dir / "model"

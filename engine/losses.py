@@ -1,0 +1,44 @@
+"""Losses and rewards as pure functions, each citing the equation it implements.
+
+``dpo_loss`` is Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct
+Preference Optimization", CVPR 2024, eq. 14), with the per-sample error taken as the mean
+over C, H, W as in the official code and the diffusers examples (beta = 5000 is calibrated to
+that mean). Its arithmetic lives in ``kernels.dpo_loss``: a fused Triton kernel on CUDA, the
+PyTorch reference elsewhere; both compute the per-row error difference in the stable form
+``mean((p_theta - p_ref) * (p_theta + p_ref - 2 * target))`` (METHOD.md section 1).
+
+``implicit_reward`` is SAIL's self-ranking reward (He et al., ICLR 2026):
+``r(x) = -beta/2 * mean_k (e_cur - e_ref)`` over K (t, noise) draws shared by a prompt's
+candidates, computed by ``kernels.rank_reward``.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.dpo_loss import DPOLossOutput
+from kernels.dpo_loss import dpo_loss as _fused_dpo_loss
+from kernels.rank_reward import RankRewardOutput
+from kernels.rank_reward import rank_reward as _fused_rank_reward
+
+
+def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DPOLossOutput:
+    """Diffusion-DPO loss.
+
+    model_pred, ref_pred: [2P, C, H, W] laid out [winners; losers]; target: [2P, C, H, W]
+    (per sample) or [P, C, H, W] (noise shared by the pair).
+    ``z = -beta/2 * ((e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l)))``,
+    ``loss = mean_pairs(-log sigmoid(z))``; implicit accuracy = mean(z > 0).
+    Returns the loss and per-pair z, per-row policy and reference errors (detached).
+    """
+    return _fused_dpo_loss(model_pred, ref_pred, target, beta)
+
+
+def implicit_reward(cur_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
+                    beta: float) -> RankRewardOutput:
+    """SAIL implicit reward. cur_pred, ref_pred: [P, N, K, C, H, W]; target: [P, K, C, H, W]
+    (shared by the N candidates of a prompt) or [P, N, K, C, H, W]. Returns reward [P, N] and
+    the per-draw values [P, N, K]."""
+    return _fused_rank_reward(cur_pred, ref_pred, target, beta)
+
+
+__all__ = ["dpo_loss", "implicit_reward", "DPOLossOutput", "RankRewardOutput"]

@@ -1,0 +1,117 @@
+"""Optimizers, the learning-rate schedule and the derived DeepSpeed config."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from engine.config import DistributedConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from engine.configtree import ConfigError
+
+
+def lr_factor(step: int, cfg: SchedulerConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup_steps`` (step 0 already gets 1/warmup), then constant or cosine to zero."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return 1.0
+
+
+def build_lr_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int):
+    """The same LambdaLR on both strategies (DeepSpeed receives it as a client scheduler), so a
+    local run and a DeepSpeed run follow the same lr at every step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+
+
+def build_optimizer(params, cfg: OptimizerConfig):
+    """A client optimizer instance (used by the local strategy, and by DeepSpeed for the
+    optimizers it has no native section for)."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError("train.optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from err
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # SDXL recipe: a fixed lr, no relative step, no parameter scaling.
+        return Adafactor(params, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=cfg.weight_decay)
+    raise ConfigError(f"train.optimizer.name: unknown optimizer {cfg.name!r}")
+
+
+def check_batch_arithmetic(train: TrainConfig, dist: DistributedConfig, world_size: int,
+                           num_pairs: int | None = None) -> int:
+    """Global pairs per optimizer step; a clear error when it does not add up."""
+    global_batch = train.micro_batch_pairs * train.grad_accum * world_size
+    if dist.global_batch_pairs is not None and dist.global_batch_pairs != global_batch:
+        per_rank = dist.global_batch_pairs / world_size
+        hint = ("it does not divide by the world size" if dist.global_batch_pairs % world_size
+                else f"with {world_size} ranks use micro_batch_pairs x grad_accum = {int(per_rank)}")
+        raise ConfigError(
+            f"distributed.global_batch_pairs = {dist.global_batch_pairs} but train.micro_batch_pairs "
+            f"({train.micro_batch_pairs}) x train.grad_accum ({train.grad_accum}) x world size ({world_size}) "
+            f"= {global_batch}: {hint}")
+    if num_pairs is not None and num_pairs < global_batch:
+        raise ConfigError(f"the training set has {num_pairs} pairs, fewer than one global batch "
+                          f"({global_batch} = micro_batch_pairs x grad_accum x world size)")
+    return global_batch
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: int, precision: str,
+                     on_cpu: bool) -> dict:
+    """The DeepSpeed config derived from ours; batch sizes count pairs. The lr schedule is
+    not in it: both strategies share one LambdaLR (see ``build_lr_scheduler``)."""
+    global_batch = check_batch_arithmetic(train, dist, world_size)
+    opt = train.optimizer
+    if opt.name == "adamw8bit" and dist.offload_optimizer:
+        raise ConfigError("train.optimizer.name: adamw8bit (bitsandbytes) cannot be combined with "
+                          "distributed.offload_optimizer: bitsandbytes optimizers keep their state on the GPU")
+    zero = {"stage": dist.zero_stage}
+    if dist.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, contiguous_gradients=True,
+                    overlap_comm=not on_cpu)
+    if dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    cfg = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch_pairs,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.clip_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if opt.name == "adamw":
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+            # torch's AdamW on CPU (no fused CUDA kernels to build); DeepSpeed's fused Adam on GPU.
+            "torch_adam": on_cpu, "adam_w_mode": True}}
+    else:
+        cfg["zero_allow_untested_optimizer"] = True
+    return _merge(cfg, dist.deepspeed)
+
+
+def reference_deepspeed_config(policy_cfg: dict) -> dict:
+    """Config of the optimizer-less reference engine (ZeRO-3 partitions it like the policy)."""
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16",
+            "steps_per_print", "wall_clock_breakdown")
+    cfg = {k: copy.deepcopy(policy_cfg[k]) for k in keep if k in policy_cfg}
+    cfg["zero_optimization"] = {"stage": policy_cfg["zero_optimization"]["stage"]}
+    return cfg

@@ -1,0 +1,322 @@
+"""Distribution behind one object with the same verbs on two implementations.
+
+``LocalStrategy``: plain torch in one process (CPU tests, laptops, single-GPU debugging).
+``DeepSpeedStrategy``: DeepSpeed ZeRO 0-3; the policy is an engine with optimizer; the DPO
+reference is a second engine without optimizer under ZeRO-3 (partitioned like the policy,
+loaded from disk by the caller, never deep-copied from a partitioned model) and a plain
+frozen replica under ZeRO 0-2.
+
+Verbs: prepare, policy / reference (callables), backward, step, grad_norm, lr, save_checkpoint,
+load_checkpoint, policy_state_dict, gathered, all_reduce_mean, barrier, is_main, close.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.config import DistributedConfig, TrainConfig
+from engine.io import read_json, write_json, write_safetensors
+from engine.optim import (build_lr_scheduler, build_optimizer, check_batch_arithmetic, deepspeed_config,
+                          reference_deepspeed_config)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def launched_distributed() -> bool:
+    """True when started by torchrun / the deepspeed launcher (they set LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Strategy:
+    """Shared bookkeeping; subclasses implement the distribution-specific verbs."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+    compute_dtype: torch.dtype = torch.float32
+    policy: nn.Module
+    reference: nn.Module | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module):
+        """Full parameters of ``module`` for the duration (ZeRO-3 gathers once per call)."""
+        yield module
+
+    def close(self) -> None:
+        pass
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    tags = sorted((p for p in folder.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class LocalStrategy(Strategy):
+    """One process, plain torch; gradient accumulation and clipping done here."""
+
+    def __init__(self, train: TrainConfig, dist: DistributedConfig, device: torch.device | None = None):
+        self.train, self.dist = train, dist
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(train.precision, self.device)
+        self.compute_dtype = DTYPES[self.precision]
+        self._micro = 0
+        self._grad_norm = torch.zeros(())
+
+    def prepare(self, policy: nn.Module, reference: nn.Module | None, total_steps: int, num_pairs: int) -> None:
+        check_batch_arithmetic(self.train, self.dist, 1, num_pairs)
+        # Mixed precision here is autocast over fp32 master weights (DeepSpeed keeps its own).
+        self.policy = policy.to(self.device).train()
+        self.reference = reference.to(self.device).eval().requires_grad_(False) if reference is not None else None
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, self.train.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.train.scheduler, total_steps)
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.train.grad_accum).backward()
+
+    def step(self) -> bool:
+        """Counts micro-batches; steps the optimizer at the accumulation boundary."""
+        self._micro += 1
+        if self._micro % self.train.grad_accum:
+            return False
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.train.clip_grad_norm if self.train.clip_grad_norm > 0 else float("inf")
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def grad_norm(self) -> torch.Tensor:
+        return self._grad_norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save_checkpoint(self, folder: Path, step: int, client_state: dict) -> None:
+        """model.safetensors + optimizer.safetensors/json + client_state.json (no pickle)."""
+        folder = Path(folder)
+        tag = folder / f"step_{step}"
+        tmp = folder / f".step_{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_safetensors(tmp / "model.safetensors", self.policy.state_dict())
+        tensors, meta = optimizer_state_to_flat(self.optimizer.state_dict())
+        write_safetensors(tmp / "optimizer.safetensors", tensors)
+        write_json(tmp / "optimizer.json", meta)
+        write_json(tmp / "client_state.json", dict(client_state, micro=self._micro))
+        shutil.rmtree(tag, ignore_errors=True)
+        os.replace(tmp, tag)
+        write_json(folder / "latest.json", {"tag": tag.name})
+        _prune_checkpoints(folder, self.train.keep_checkpoints)
+
+    def load_checkpoint(self, folder: Path) -> dict | None:
+        from safetensors.torch import load_file
+
+        latest = Path(folder) / "latest.json"
+        if not latest.is_file():
+            return None
+        tag = Path(folder) / read_json(latest)["tag"]
+        self.policy.load_state_dict(load_file(tag / "model.safetensors", device=str(self.device)))
+        state = optimizer_state_from_flat(load_file(tag / "optimizer.safetensors"), read_json(tag / "optimizer.json"))
+        self.optimizer.load_state_dict(state)
+        client = read_json(tag / "client_state.json")
+        self._micro = client.pop("micro")
+        self.scheduler.last_epoch = client["step"] - 1
+        self.scheduler.step()  # re-derive the lr of the next step from the step count
+        return client
+
+    def policy_state_dict(self) -> dict | None:
+        return {k: v.detach().float().cpu() for k, v in self.policy.state_dict().items()}
+
+
+def optimizer_state_to_flat(state: dict) -> tuple[dict, dict]:
+    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_flat(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed engines for the policy (with optimizer) and, under ZeRO-3, the reference."""
+
+    def __init__(self, train: TrainConfig, dist: DistributedConfig):
+        import deepspeed
+
+        self.train, self.dist = train, dist
+        on_cpu = not torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+        if not on_cpu:
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(train.precision, self.device)
+        self.compute_dtype = DTYPES[self.precision]
+        self.ds_config = deepspeed_config(train, dist, self.world_size, self.precision, on_cpu)
+        self._stepped = False
+
+    def prepare(self, policy: nn.Module, reference: nn.Module | None, total_steps: int, num_pairs: int) -> None:
+        import deepspeed
+
+        check_batch_arithmetic(self.train, self.dist, self.world_size, num_pairs)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        client_opt = None if "optimizer" in self.ds_config else build_optimizer(params, self.train.optimizer)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=policy, model_parameters=params, optimizer=client_opt, config=self.ds_config,
+            lr_scheduler=lambda opt: build_lr_scheduler(opt, self.train.scheduler, total_steps))
+        self.policy = self.engine
+        self.reference = None
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+            if self.dist.zero_stage == 3:
+                ref_engine, *_ = deepspeed.initialize(model=reference, config=reference_deepspeed_config(self.ds_config))
+                ref_engine.eval()
+                self.reference = ref_engine
+            else:
+                self.reference = reference.to(self.device, self.compute_dtype)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module; inputs are cast by the trainer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def grad_norm(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save_checkpoint(self, folder: Path, step: int, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(folder), tag=f"step_{step}", client_state=client_state)
+        self.barrier()
+        if self.is_main:
+            write_json(Path(folder) / "latest.json", {"tag": f"step_{step}"})
+            _prune_checkpoints(Path(folder), self.train.keep_checkpoints)
+        self.barrier()
+
+    def load_checkpoint(self, folder: Path) -> dict | None:
+        latest = Path(folder) / "latest.json"
+        if not latest.is_file():
+            return None
+        tag = read_json(latest)["tag"]
+        path, client = self.engine.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise RuntimeError(f"{folder}/{tag}: DeepSpeed could not load the checkpoint")
+        return client
+
+    def policy_state_dict(self) -> dict | None:
+        """fp32 master weights gathered from all ranks (a collective call); rank 0 gets them."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None:
+                with self._gather([param]):
+                    full = param.detach().float().clone()
+            if self.is_main:
+                out[name] = full.detach().float().cpu()
+        for name, buf in self.engine.module.named_buffers():
+            if self.is_main:
+                out[name] = buf.detach().float().cpu()
+        return out if self.is_main else None
+
+    def _gather(self, params):
+        import deepspeed
+
+        if self.dist.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module):
+        """Gather a ZeRO-3 module's parameters once for a whole sampling call (not per step)."""
+        target = module.module if hasattr(module, "module") else module
+        with self._gather(list(target.parameters())):
+            yield target
+
+
+def make_strategy(train: TrainConfig, dist: DistributedConfig) -> Strategy:
+    """``backend: auto`` picks DeepSpeed under a distributed launcher, else the local strategy."""
+    backend = dist.backend
+    if backend == "auto":
+        backend = "deepspeed" if launched_distributed() else "local"
+    if backend == "deepspeed":
+        for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+            os.environ.setdefault(key, default)
+        return DeepSpeedStrategy(train, dist)
+    return LocalStrategy(train, dist)
+
+
+def describe_strategy(strategy: Strategy) -> str:
+    name = type(strategy).__name__.replace("Strategy", "").lower()
+    extra = f", zero {strategy.dist.zero_stage}" if name == "deepspeed" else ""
+    return json.dumps({"strategy": name + extra, "world_size": strategy.world_size,
+                       "device": str(strategy.device), "precision": strategy.precision})

@@ -1,0 +1,173 @@
+"""One Diffusion-DPO training stage (METHOD.md section 1) over a pre-encoded TrainSet.
+
+Determinism: the pair order (a permutation per epoch), each pair's timestep and noise, and
+the empty-prompt dropout are functions of (seed, step, position in the global batch) alone,
+so a run gives the same updates on 1 process or N ranks and after a resume.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import TrainConfig
+from engine.data.cache import PairBatch, TrainSet
+from engine.io import write_json
+from engine.losses import dpo_loss
+from engine.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """What a training stage hands to the next one."""
+
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+class PairSchedule:
+    """Which pair, timestep, noise and dropout each global-batch position of each step gets."""
+
+    def __init__(self, num_pairs: int, global_batch: int, seed: int, num_timesteps: int, empty_prob: float):
+        self.n, self.g, self.seed = num_pairs, global_batch, seed
+        self.num_timesteps, self.empty_prob = num_timesteps, empty_prob
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen)}
+        return self._perms[epoch]
+
+    def pairs(self, step: int, positions: range) -> list[int]:
+        out = []
+        for p in positions:
+            k = step * self.g + p
+            out.append(int(self._perm(k // self.n)[k % self.n]))
+        return out
+
+    def draws(self, step: int, positions: range, latent_shape: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """timesteps [b] long, noise [b, *latent_shape], empty-prompt mask [b] bool."""
+        ts, noise, empty = [], [], []
+        for p in positions:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 65_537 + p)
+            ts.append(torch.randint(0, self.num_timesteps, (1,), generator=gen))
+            empty.append(torch.rand(1, generator=gen) < self.empty_prob)
+            noise.append(torch.randn((1, *latent_shape), generator=gen))
+        return torch.cat(ts), torch.cat(noise), torch.cat(empty)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.Tensor, noise: torch.Tensor,
+                empty: torch.Tensor, empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, beta: float):
+    """Policy and reference predictions on [winners; losers] with shared t and noise; the loss."""
+    dev, dtype = strategy.device, strategy.compute_dtype
+    latents = torch.cat([batch.latents_w, batch.latents_l]).to(dev)
+    t2, noise2 = torch.cat([t, t]).to(dev), torch.cat([noise, noise]).to(dev)
+    hidden = torch.where(empty[:, None, None], empty_hidden.to(batch.hidden), batch.hidden)
+    x_t = noise_scheduler.add_noise(latents, noise2, t2)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise2, t2)   # per sample: [2P, ...]
+    else:
+        target = noise.to(dev)                                        # shared by the pair: [P, ...]
+    kwargs = {"encoder_hidden_states": torch.cat([hidden, hidden]).to(dev, dtype)}
+    if batch.pooled is not None:
+        pooled = torch.where(empty[:, None], empty_pooled.to(batch.pooled), batch.pooled)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([pooled, pooled]).to(dev, dtype),
+                                       "time_ids": torch.cat([batch.time_ids_w, batch.time_ids_l]).to(dev, dtype)}
+    x_in = x_t.to(dtype)
+    with strategy.autocast():
+        model_pred = strategy.policy(x_in, t2, **kwargs).sample
+        with torch.no_grad():
+            ref_pred = strategy.reference(x_in, t2, **kwargs).sample
+    return dpo_loss(model_pred, ref_pred, target, beta)
+
+
+def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: TrainSet, run_dir: Path, *,
+              seed: int, empty_prompt_prob: float, stop_at: int | None = None, tag: str = "dpo") -> StageResult:
+    """Train ``strategy.policy`` against ``strategy.reference`` for ``cfg.steps`` optimizer steps,
+    resuming from ``run_dir/checkpoints`` when a checkpoint is there. ``stop_at`` ends the
+    stage early after checkpointing (used by resume tests)."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    micro, world = cfg.micro_batch_pairs, strategy.world_size
+    global_batch = micro * cfg.grad_accum * world
+    latent_shape = tuple(train_set.load([0]).latents_w.shape[1:])
+    schedule = PairSchedule(len(train_set), global_batch, seed, noise_scheduler.config.num_train_timesteps,
+                            empty_prompt_prob)
+    client = strategy.load_checkpoint(ckpt_dir)
+    start = client["step"] if client else 0
+    history = list(client.get("history", [])) if client else []
+    writer = _tensorboard(run_dir, tag) if strategy.is_main else None
+    sums = torch.zeros(7, device=strategy.device)   # loss, acc, margin, mw, ml, rw, rl: synced at log steps
+    count, t0 = 0, time.perf_counter()
+    bar = tqdm(range(start, stop_at or cfg.steps), desc=tag, disable=not strategy.is_main, initial=start,
+               total=cfg.steps)
+    for step in bar:
+        # ---- forward / backward over the accumulation micro-batches -------------------------
+        for m in range(cfg.grad_accum):
+            first = m * micro * world + strategy.rank * micro
+            positions = range(first, first + micro)
+            batch = train_set.load(schedule.pairs(step, positions))
+            t, noise, empty = schedule.draws(step, positions, latent_shape)
+            out = dpo_forward(strategy, noise_scheduler, batch, t, noise, empty, train_set.empty_hidden,
+                              train_set.empty_pooled, cfg.beta)
+            strategy.backward(out.loss)
+            strategy.step()
+            w, l = out.model_err.chunk(2), out.ref_err.chunk(2)
+            sums += torch.stack([out.loss.detach().float(), (out.z > 0).float().mean(), out.z.mean(),
+                                 w[0].mean(), w[1].mean(), l[0].mean(), l[1].mean()])
+            count += 1
+        done = step + 1
+        # ---- logging: the only host syncs of the loop ------------------------------------------
+        if done % cfg.log_every == 0 or done == cfg.steps or done == stop_at:
+            row = _log_row(strategy, sums / count, done, global_batch * (done - start) / (time.perf_counter() - t0))
+            history.append(row)
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        writer.add_scalar(f"{tag}/{key}", value, done)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
+            sums.zero_()
+            count = 0
+        # ---- checkpoint --------------------------------------------------------------------------
+        if (cfg.save_every and done % cfg.save_every == 0) or done == stop_at:
+            strategy.save_checkpoint(ckpt_dir, done, {"step": done, "history": history})
+    if writer is not None:
+        writer.close()
+    final = {k: v for k, v in history[-1].items()} if history else {}
+    return StageResult(steps=stop_at or cfg.steps, metrics=final, history=history)
+
+
+def _log_row(strategy: Strategy, means: torch.Tensor, step: int, pairs_per_s: float) -> dict:
+    means = strategy.all_reduce_mean(means).tolist()
+    keys = ["loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l"]
+    row = {"step": step, **dict(zip(keys, means))}
+    row.update(lr=strategy.lr(), grad_norm=float(strategy.grad_norm()), pairs_per_s=pairs_per_s,
+               **{"memory_peak_gib": _peak_memory_gib(strategy.device)})
+    return row
+
+
+def _tensorboard(run_dir: Path, tag: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an install requirement; stay usable without it
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def write_stage_metrics(path: Path, result: StageResult, extra: dict) -> None:
+    write_json(path, {"steps": result.steps, "final": result.metrics, "history": result.history, **extra})

@@ -1,0 +1,1 @@
+"""Entry points: launch/train.py (python or deepspeed), the `sail` click CLI, tools."""

@@ -1,0 +1,37 @@
+"""Small Pick-a-Pic v2 shards made in code for tests (random images, chosen labels)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def png_bytes(rng: np.random.Generator, size=(24, 20)) -> bytes:
+    arr = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pickapic_rows(n: int, seed: int = 0, size=(24, 20)) -> dict:
+    """Columns of ``n`` valid rows: captions w<i> w<j>, labels alternating 1/0 and 0/1."""
+    rng = np.random.default_rng(seed)
+    label0 = [1.0 if i % 2 == 0 else 0.0 for i in range(n)]
+    return {
+        "caption": [f"w{i % 7} w{(3 * i) % 11}" for i in range(n)],
+        "jpg_0": [png_bytes(rng, size) for _ in range(n)],
+        "jpg_1": [png_bytes(rng, size) for _ in range(n)],
+        "label_0": label0,
+        "label_1": [1.0 - v for v in label0],
+        "has_label": [True] * n,
+        "are_different": [True] * n,
+        "ranking_id": list(range(n)),
+    }
+
+
+def write_pickapic(path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
