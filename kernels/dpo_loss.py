@@ -21,6 +21,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+try:  # Triton is optional: without it every call takes the PyTorch reference.
+    from kernels import _dpo_loss_triton as _triton_impl
+    from kernels._triton_rows import plan_rows as _plan_rows
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    _triton_impl = None
+
 
 class DPOLossOutput(NamedTuple):
     """loss: scalar fp32, differentiable w.r.t. ``model_pred``.
@@ -65,7 +71,74 @@ def dpo_loss_reference(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     return DPOLossOutput(loss, z.detach(), model_err, ref_err)
 
 
+class _FusedDPOLoss(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels (``kernels._dpo_loss_triton``).
+
+    Forward: one pass over p_theta, p_ref, target + a one-program finalize.  Backward: one pass
+    over p_theta, target writing the gradient.  The gradient is produced in backward rather than
+    in forward (where Liger's losses produce it) because the incoming grad of the loss is almost
+    never 1 in DPO training (gradient accumulation divides the loss, fp16 loss scaling multiplies
+    it): folding it into the per-row coefficient inside the kernel costs nothing, whereas
+    rescaling a gradient precomputed in forward would be a third pass (or a host sync to skip
+    it), and an in-place rescale would be wrong under ``retain_graph``.  Peak memory is the same
+    either way: p_theta and its gradient coexist once, at the end of forward or at the start of
+    backward (the activation peak in both cases); no fp32 intermediate is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, beta, block, programs):
+        rows = model_pred.shape[0]
+        p2 = model_pred.detach().contiguous().view(rows, -1)
+        r2 = ref_pred.detach().contiguous().view(rows, -1)
+        t2 = target.detach().contiguous().view(target.shape[0], -1)
+        plan = _plan_rows(rows, p2.shape[1], p2.device, block, programs)
+        loss, z, model_err, ref_err, coef = _triton_impl.dpo_forward(p2, r2, t2, beta, plan)
+        ctx.mark_non_differentiable(z, model_err, ref_err)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(p2, t2, coef)
+            ctx.plan = plan
+            ctx.pred_shape = model_pred.shape
+        return loss, z, model_err, ref_err
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        p2, t2, coef = ctx.saved_tensors
+        grad = _triton_impl.dpo_backward(p2, t2, coef, grad_loss.float(), ctx.plan)
+        # ref_pred and target are constants of the loss: no gradient (as in the reference).
+        return grad.view(ctx.pred_shape), None, None, None, None, None
+
+
+def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
+                    beta: float, *, block: int | None = None,
+                    programs: int | None = None) -> DPOLossOutput:
+    """Fused Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as
+    :func:`dpo_loss_reference`.
+
+    model_pred, ref_pred: ``[2P, *S]`` ([all winners; all losers]), bf16/fp16/fp32.
+    target: ``[2P, *S]`` or ``[P, *S]`` (shared by a pair, read as row ``i mod P``).
+
+        d_i  = mean_S (p_theta - p_ref)(p_theta + p_ref - 2 target)       (fp32)
+        z    = -beta/2 (d_w - d_l),   loss = mean_pairs -log sigmoid(z)
+
+    Returns ``DPOLossOutput(loss [], z [P], model_err [2P], ref_err [2P])`` in fp32; only
+    ``loss`` is differentiable, and only w.r.t. ``model_pred``.  ``block`` (tile size) and
+    ``programs`` (wanted grid size) override the launch heuristics, for tests.
+    """
+    if _triton_impl is None:
+        raise RuntimeError("dpo_loss_triton needs triton, which is not installed")
+    _check_layout(model_pred, ref_pred, target)
+    if model_pred[0].numel() == 0:
+        raise ValueError(f"empty rows: model_pred {tuple(model_pred.shape)}")
+    return DPOLossOutput(*_FusedDPOLoss.apply(model_pred, ref_pred, target, float(beta), block, programs))
+
+
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
              beta: float) -> DPOLossOutput:
-    """Public entry point: the fused Triton kernel on CUDA tensors, the reference elsewhere."""
+    """Public entry point: the fused Triton kernel on CUDA tensors, the reference elsewhere.
+
+    Shapes and equation as in :func:`dpo_loss_triton` / the module docstring.
+    """
+    on_cuda = model_pred.is_cuda and ref_pred.is_cuda and target.is_cuda
+    if on_cuda and _triton_impl is not None:
+        return dpo_loss_triton(model_pred, ref_pred, target, beta)
     return dpo_loss_reference(model_pred, ref_pred, target, beta)
