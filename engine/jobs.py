@@ -38,9 +38,13 @@ def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
     return str(folder)
 
 
+def seed_cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.resolved_run_dir / "cache" / "seed"
+
+
 def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Path:
     """Pre-encode ``data.train`` with the base model's VAE and text encoder(s) (rank-parallel)."""
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.resolved_run_dir / "cache" / "seed"
+    cache_dir = seed_cache_dir(cfg)
     comps = load_components(model_dir)
     for module in [comps.vae, *comps.text_encoders]:
         if module is not None:
@@ -94,7 +98,8 @@ def run_dpo_job(cfg: RunConfig, stop_at: int | None = None) -> Path:
         cache_dir = encode_seed_pairs(cfg, strategy, base)
         if strategy.is_main:
             manifest.record(0, "encode", [str(cache_dir)], time.perf_counter() - t0)
-    cache_dir = Path(Manifest(run_dir).get(0, "encode")["outputs"][0])
+        strategy.barrier()
+    cache_dir = seed_cache_dir(cfg)
     out_dir = run_dir / "iter_000"
     if not Manifest(run_dir).done(0, "train"):
         t0 = time.perf_counter()

@@ -150,7 +150,8 @@ def _text_configs(arch: str) -> list[dict]:
     clip_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
                   num_hidden_layers=32, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
     tiny = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32)
+                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+                bos_token_id=0, pad_token_id=1, eos_token_id=2)  # the word tokenizer's special ids
     return {"tiny-sd15": [tiny], "tiny-sdxl": [tiny, tiny], "sd15": [clip_l], "sdxl": [clip_l, clip_g]}[arch]
 
 

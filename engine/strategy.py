@@ -202,6 +202,13 @@ class DeepSpeedStrategy(Strategy):
 
         self.train, self.dist = train, dist
         on_cpu = not torch.cuda.is_available()
+        if on_cpu and os.environ.get("SAIL_DS_SHM", "0") != "1":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up: minutes
+            # on a 2-core machine, and a compile killed half-way leaves a lock that hangs the
+            # next start. Plain gloo is enough off the GPU; SAIL_DS_SHM=1 turns it back on.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()

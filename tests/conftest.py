@@ -1,0 +1,13 @@
+"""Test-wide set-up: Triton kernels run under the interpreter on machines without CUDA.
+
+TRITON_INTERPRET must be set before any module decorates a kernel with ``triton.jit``, so it
+is set here, before pytest imports any test module.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
