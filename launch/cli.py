@@ -1,0 +1,38 @@
+"""The `sail` console script: subcommands that mirror the launch scripts.
+
+    sail train --config toy_cpu.json          = python launch/train.py --config toy_cpu.json
+    sail evaluate / sail toy-data / sail pretrain-toy
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# subcommand -> module holding a click command named `main`; imported lazily so that
+# `sail --help` stays fast and a missing optional dependency breaks only its own command.
+COMMANDS = {
+    "train": "launch.train",
+    "evaluate": "launch.evaluate",
+    "toy-data": "launch.toy_data",
+    "pretrain-toy": "launch.pretrain_toy",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(COMMANDS[name]).main
+
+
+@click.group(cls=LazyGroup)
+def main():
+    """sail: Diffusion-DPO and SAIL for text-to-image diffusion models."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from engine.config import load_config
+from engine.configtree import ConfigError
+from engine.optim import check_batch_arithmetic, deepspeed_config
+
+
+def _write(tmp_path, data, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+BASE = {"name": "t", "model": {"arch": "tiny-sd15"}, "data": {"train": ["x.parquet"]}}
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path, {**BASE, "train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match=r"cfg.json: unknown key 'train.stepz'"):
+        load_config(path)
+
+
+def test_wrong_type_and_range_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.json: train.steps: expected an integer"):
+        load_config(_write(tmp_path, {**BASE, "train": {"steps": "many"}}))
+    with pytest.raises(ConfigError, match=r"cfg.json: train.optimizer.lr: must be > 0"):
+        load_config(_write(tmp_path, {**BASE, "train": {"optimizer": {"lr": -1}}}))
+    with pytest.raises(ConfigError, match=r"distributed.zero_stage: must be 0-3"):
+        load_config(_write(tmp_path, {**BASE, "distributed": {"zero_stage": 4}}))
+    with pytest.raises(ConfigError, match=r"method: must be one of"):
+        load_config(_write(tmp_path, {**BASE, "method": "ppo"}))
+
+
+def test_set_overrides_parse_json_values(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["train.optimizer.lr=3e-4", "train.steps=7", "name=other",
+                                               "distributed.deepspeed={\"wall_clock_breakdown\": true}"])
+    assert cfg.train.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.train.steps == 7 and cfg.name == "other"
+    assert cfg.distributed.deepspeed == {"wall_clock_breakdown": True}
+
+
+def test_config_lookup_in_cwd_then_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, {**BASE, "name": "local_one"}, "sdxl_zero3.json")
+    assert load_config("sdxl_zero3.json").name == "local_one"       # working directory first
+    monkeypatch.chdir(tmp_path / "..")
+    assert load_config("sdxl_zero3.json").name == "sdxl_dpo"        # then the repo's configs/
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_config.json")
+
+
+def test_batch_that_does_not_divide_is_a_clear_error(tmp_path):
+    cfg = load_config(_write(tmp_path, {**BASE, "train": {"micro_batch_pairs": 2, "grad_accum": 4},
+                                        "distributed": {"global_batch_pairs": 12}}))
+    with pytest.raises(ConfigError, match=r"global_batch_pairs = 12 .* x world size \(1\) = 8"):
+        check_batch_arithmetic(cfg.train, cfg.distributed, world_size=1)
+    with pytest.raises(ConfigError, match="does not divide by the world size"):
+        check_batch_arithmetic(cfg.train, cfg.distributed, world_size=5)
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        check_batch_arithmetic(cfg.train, cfg.distributed.__class__(), world_size=2, num_pairs=10)
+
+
+def test_deepspeed_config_is_derived_from_ours(tmp_path):
+    cfg = load_config(_write(tmp_path, {**BASE, "train": {"micro_batch_pairs": 2, "grad_accum": 3,
+                                                          "clip_grad_norm": 0.5, "optimizer": {"lr": 2e-5}},
+                                        "distributed": {"zero_stage": 3, "deepspeed": {"zero_optimization":
+                                                                                       {"reduce_bucket_size": 123}}}}))
+    ds = deepspeed_config(cfg.train, cfg.distributed, world_size=4, precision="bf16", on_cpu=False)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123          # passthrough merged, stage kept
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 2e-5
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_shipped_configs_validate():
+    for name in ("sdxl_zero3.json", "sd15_dpo.json", "tiny_sd15.json"):
+        cfg = load_config(name)
+        assert cfg.train.steps > 0
+    sdxl = load_config("sdxl_zero3.json")
+    assert sdxl.distributed.zero_stage == 3 and sdxl.model.gradient_checkpointing
