@@ -196,7 +196,8 @@ def build_components(arch: str, seed: int = 0, *, with_vae: bool = True) -> Comp
         tokenizers.append(build_word_tokenizer(words, cfg["max_position_embeddings"] if not arch.startswith("tiny")
                                                else 16))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+                          num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon",
+                          steps_offset=1)
     for module in [vae, *encoders]:
         if module is not None:
             module.requires_grad_(False).eval()
