@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from engine.configtree import ConfigError, apply_overrides, build_dataclass, read_json, require, to_dict
+from engine.toy.world import ToyWorldConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 ARCHS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+TOY_MODEL_TOKEN = "@toy"
+TOY_BASE_MODEL = Path(__file__).resolve().parent / "toy" / "base_model"
 
 
 @dataclass
@@ -56,6 +59,12 @@ class ModelConfig:
     def __post_init__(self):
         require((self.path is None) != (self.arch is None), "path",
                 "set exactly one of model.path (a local diffusers folder) and model.arch")
+
+    def resolved_path(self) -> str | None:
+        """``@toy`` names the toy base model shipped inside the package."""
+        if self.path == TOY_MODEL_TOKEN:
+            return str(TOY_BASE_MODEL)
+        return self.path
 
 
 @dataclass
@@ -176,6 +185,76 @@ class DistributedConfig:
 
 
 @dataclass
+class SailConfig:
+    """The self-amplified loop (METHOD.md section 2); also OnlineDPO (ranking by a scorer)."""
+
+    iterations: int = 2
+    """SAIL iterations after iteration 0 (DPO on the seed pairs)."""
+    prompt_files: list[str] = field(default_factory=list)
+    """One prompt file per iteration (text: one prompt a line; parquet: a caption column).
+    Ignored in the toy world, whose pools come from its splits."""
+    candidates: int = 8
+    """N: candidates generated per prompt."""
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = 20
+    guidance_scale: float = 7.5
+    sample_batch_size: int = 64
+    """Images per sampling batch (conditional + unconditional rows go through the UNet together)."""
+    rank_draws: int = 10
+    """K: (t, noise) draws per prompt, shared by its N candidates."""
+    rank_reference: Literal["base", "anchor", "previous"] = "base"
+    """Reference of the implicit reward: the base model, the iteration-0 model, or the model the
+    current one was trained from."""
+    rank_batch_size: int = 160
+    """Images per UNet forward in ranking."""
+    pairing: Literal["best_worst", "random"] = "best_worst"
+    alpha: float = 0.25
+    """Fraction of generated pairs in an iteration's training set (1: no mixup)."""
+    external_scorer: str = "oracle"
+    """online_dpo: scorer name (see engine.toy.scorers) or module:function ranking the candidates."""
+    train_steps: int | None = None
+    """Optimizer steps per iteration (None: train.steps)."""
+
+    def __post_init__(self):
+        require(self.iterations >= 0, "iterations", "must be >= 0")
+        require(self.candidates >= 2, "candidates", f"must be >= 2 to form a pair, got {self.candidates}")
+        require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
+        require(0.0 < self.alpha <= 1.0, "alpha", f"must be in (0, 1], got {self.alpha}")
+        require(self.sample_steps >= 1 and self.sample_batch_size >= 1 and self.rank_batch_size >= 1,
+                "sample_steps", "sample_steps, sample_batch_size and rank_batch_size must be >= 1")
+        require(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1")
+        require(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
+
+
+@dataclass
+class ToyConfig:
+    """The embedded toy world: data built from the shipped base model, pools from its splits."""
+
+    enabled: bool = False
+    data_dir: str = "runs/toy_data"
+    """Where the toy preference sets and splits are built (once; reused while valid)."""
+    preference_set: Literal["seed", "full"] = "seed"
+    """seed: the small human-labelled set; full: 16x the labels (the all-labels baseline)."""
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after each iteration (held-out prompts, fixed seeds)."""
+
+    enabled: bool = True
+    prompt_files: list[str] = field(default_factory=list)
+    """Held-out prompts of real models (checked disjoint from the pools); the toy world uses its split."""
+    seeds_per_prompt: int | None = None
+    """Images per prompt (None: the toy world's eval_seeds_per_prompt)."""
+    evaluate_base: bool = True
+    """Also evaluate the base model (the first row of the report)."""
+
+    def __post_init__(self):
+        require(self.seeds_per_prompt is None or self.seeds_per_prompt >= 1, "seeds_per_prompt", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """The root of a run's configuration."""
 
@@ -189,6 +268,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sail: SailConfig = field(default_factory=SailConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
@@ -230,6 +312,6 @@ def replace(cfg, **changes):
 
 __all__ = [
     "ConfigError", "LoRAConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
-    "TrainConfig", "DistributedConfig", "RunConfig", "load_config", "config_from_dict",
+    "TrainConfig", "DistributedConfig", "SailConfig", "ToyConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
     "config_to_dict", "find_config", "REPO_ROOT",
 ]

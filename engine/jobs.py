@@ -1,7 +1,7 @@
 """Stages shared by the methods: base model, pre-encoding of the seed pairs, one DPO stage.
 
-Each function takes the sub-configs it needs and a strategy; the controller (or the plain
-``dpo`` job below) decides the order, the folders and the manifest records.
+Each function takes what it needs and a strategy; the controller decides the order, the
+folders and the manifest records.
 """
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import shutil
 import time
 from pathlib import Path
 
-from engine.config import RunConfig, config_to_dict
+from engine.config import RunConfig
 from engine.data.cache import PairCache, TrainSet
 from engine.data.encode import encode_pickapic
-from engine.io import write_json
-from engine.manifest import Manifest
 from engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                            set_attention_backend)
 from engine.strategy import Strategy, describe_strategy, make_strategy
@@ -27,7 +25,7 @@ def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
     """The model folder the run starts from: ``model.path``, or ``model.arch`` built with random
     weights and saved once into the run directory (so every stage loads models from disk)."""
     if cfg.model.path:
-        return str(check_model_folder(cfg.model.path))
+        return str(check_model_folder(cfg.model.resolved_path()))
     folder = cfg.resolved_run_dir / "base_model"
     if strategy.is_main and not (folder / "model_index.json").is_file():
         comps = build_components(cfg.model.arch, cfg.seed)
@@ -82,33 +80,3 @@ def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir:
     strategy.barrier()
     strategy.close()
     return result
-
-
-def run_dpo_job(cfg: RunConfig, stop_at: int | None = None) -> Path:
-    """method "dpo": pre-encode the preference set, one DPO stage from the base model."""
-    run_dir = cfg.resolved_run_dir
-    strategy = make_strategy(cfg.train, cfg.distributed)
-    if strategy.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config_to_dict(cfg))
-    manifest = Manifest(run_dir)
-    base = base_model_dir(cfg, strategy)
-    if not manifest.done(0, "encode"):
-        t0 = time.perf_counter()
-        cache_dir = encode_seed_pairs(cfg, strategy, base)
-        if strategy.is_main:
-            manifest.record(0, "encode", [str(cache_dir)], time.perf_counter() - t0)
-        strategy.barrier()
-    cache_dir = seed_cache_dir(cfg)
-    out_dir = run_dir / "iter_000"
-    if not Manifest(run_dir).done(0, "train"):
-        t0 = time.perf_counter()
-        result = run_dpo_stage(cfg, base, TrainSet.from_cache(PairCache(cache_dir)), out_dir, seed=cfg.seed,
-                               stop_at=stop_at)
-        if stop_at is not None and stop_at < cfg.train.steps:
-            return out_dir
-        if strategy.is_main:
-            Manifest(run_dir).record(0, "train", [str(out_dir / "model")], time.perf_counter() - t0)
-            write_json(run_dir / "metrics.json", {"iter_000": result.metrics})
-    strategy.barrier()
-    return out_dir / "model"

@@ -11,15 +11,15 @@ from engine.models import check_model_folder
 def preflight(cfg: RunConfig) -> None:
     """Checks that need no model or data loaded: fail within seconds, before any work."""
     if cfg.model.path:
-        check_model_folder(cfg.model.path)
+        check_model_folder(cfg.model.resolved_path())
+    if not cfg.data.train and not cfg.toy.enabled:
+        raise ConfigError("data.train: no preference data (give Pick-a-Pic parquet files, or enable toy)")
 
 
 def run(cfg: RunConfig, stage: str | None = None, iteration: int | None = None) -> Path:
     preflight(cfg)
-    if cfg.method == "dpo":
-        if stage is not None:
-            raise ConfigError("--stage applies to the iterative methods (sail, online_dpo), not dpo")
-        from engine.jobs import run_dpo_job
+    if cfg.method == "sspo":
+        raise ConfigError("method: 'sspo' is not available yet (it will reuse these stages)")
+    from engine.controller import run_controller
 
-        return run_dpo_job(cfg)
-    raise ConfigError(f"method: {cfg.method!r} is not available yet")
+    return run_controller(cfg, stage=stage, iteration=iteration)

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import config_from_dict
-from engine.jobs import run_dpo_job
+from engine.controller import run_dpo_job
 from tests.datagen import pickapic_rows, write_pickapic
 
 

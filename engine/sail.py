@@ -1,0 +1,329 @@
+"""The stages of one SAIL iteration (METHOD.md section 2): generate, rank, pair, mix.
+
+Each stage reads the previous stage's files and writes its own, atomically:
+
+    iter_00i/candidates/cand_r000.safetensors   latents [n, C, h, w] + the rank's prompt embeddings
+    iter_00i/candidates/index.parquet           prompt, candidate, seed, shard, offset
+    iter_00i/rewards.parquet                    reward and the K per-draw values of every candidate
+    iter_00i/pairs.parquet + pairs_cache/       chosen (winner, loser) per prompt, as a pair cache
+    iter_00i/train_set.parquet                  rows of the seed cache and of pairs_cache
+
+Generation and ranking are data-parallel: rank r takes prompts r, r + W, ...; rank 0 merges
+the parts and checks that every (prompt, candidate) is there exactly once. Models are loaded
+whole from their saved folders, so sampling under ZeRO-3 never all-gathers per step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from engine.config import SailConfig
+from engine.data.cache import PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard, write_train_set
+from engine.io import read_json, write_json, write_parquet, write_safetensors
+from engine.losses import implicit_reward
+from engine.models import encode_prompts, load_components, load_unet, sdxl_time_ids
+
+log = logging.getLogger(__name__)
+
+
+def maybe_die(point: str) -> None:
+    """Test hook: SIGKILL this process at a named point (resume tests), never set in real runs."""
+    if os.environ.get("SAIL_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _seed(*parts: int) -> int:
+    """A 62-bit seed from integers (iteration, prompt, candidate, ...), stable across runs."""
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 1) % (2 ** 62)
+    return value
+
+
+@dataclass
+class Candidates:
+    """The candidates of an iteration: ``index`` rows (prompt_idx, prompt, cand, seed, shard,
+    offset) and the shards' tensors, loaded lazily."""
+
+    folder: Path
+
+    def __post_init__(self):
+        self.index = pq.read_table(self.folder / "index.parquet").to_pydict()
+        self.prompts = read_json(self.folder / "prompts.json")
+        self.n = read_json(self.folder / "meta.json")["candidates"]
+        self._shards: dict[int, dict] = {}
+
+    def _shard(self, shard: int) -> dict:
+        if shard not in self._shards:
+            from safetensors.torch import load_file
+
+            self._shards[shard] = load_file(str(self.folder / f"cand_r{shard:03d}.safetensors"))
+        return self._shards[shard]
+
+    def of_prompt(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """latents [N, C, h, w], hidden [1, L, D], pooled [1, P] or None of prompt ``p``."""
+        rows = [i for i, q in enumerate(self.index["prompt_idx"]) if q == p]
+        rows.sort(key=lambda i: self.index["cand"][i])
+        shard = self.index["shard"][rows[0]]
+        data = self._shard(shard)
+        offs = [self.index["offset"][i] for i in rows]
+        local = data["prompt_ids"].tolist().index(p)
+        pooled = data["pooled"][local:local + 1] if "pooled" in data else None
+        return data["latents"][offs], data["hidden"][local:local + 1].float(), pooled
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a text file (one a line) or a parquet file with a caption/prompt column."""
+    if path.endswith(".parquet"):
+        table = pq.read_table(path)
+        col = "caption" if "caption" in table.column_names else "prompt"
+        if col not in table.column_names:
+            raise ValueError(f"{path}: needs a 'caption' or 'prompt' column (found {table.column_names})")
+        return [str(x).strip() for x in table.column(col).to_pylist() if str(x).strip()]
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+def _scheduler(comps, name: str):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if name == "ddim" else DDPMScheduler
+    return cls.from_config(comps.noise_scheduler.config)
+
+
+@torch.no_grad()
+def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
+                        iteration: int, rank: int, world: int, device, barrier) -> Path:
+    """N candidates per prompt from ``model_dir``; each rank writes its own shard."""
+    from engine.sampling import sample_latents
+
+    out.mkdir(parents=True, exist_ok=True)
+    shard_file = out / f"cand_r{rank:03d}.safetensors"
+    mine = list(range(rank, len(prompts), world))
+    if not shard_file.is_file() and mine:
+        comps = load_components(model_dir, with_vae=False)
+        comps.unet.to(device).eval()
+        for enc in comps.text_encoders:
+            enc.to(device)
+        cond = encode_prompts(comps.text_encoders, comps.tokenizers, [prompts[p] for p in mine])
+        uncond = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
+        seeds = [_seed(seed, iteration, p, n) for p in mine for n in range(cfg.candidates)]
+        side = int(comps.unet.config.sample_size)
+        added = added_u = None
+        if cond.pooled is not None:   # SDXL: generated at the native size, no crop
+            res = side * 8
+            tids = sdxl_time_ids(torch.tensor([[res, res]]), torch.tensor([[0, 0]]), (res, res))
+            added = {"text_embeds": cond.pooled.repeat_interleave(cfg.candidates, 0),
+                     "time_ids": tids.expand(len(seeds), 6)}
+            added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
+        latents = sample_latents(comps.unet, _scheduler(comps, cfg.sampler),
+                                 cond.hidden.repeat_interleave(cfg.candidates, 0), uncond.hidden, seeds,
+                                 num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                 latent_shape=(comps.unet.config.in_channels, side, side),
+                                 batch_size=cfg.sample_batch_size, added_cond=added, added_uncond=added_u,
+                                 progress=rank == 0)
+        tensors = {"latents": latents.float().cpu(), "hidden": cond.hidden.half().cpu(),
+                   "prompt_ids": torch.tensor(mine), "seeds": torch.tensor(seeds, dtype=torch.int64)}
+        if cond.pooled is not None:
+            tensors["pooled"] = cond.pooled.float().cpu()
+        maybe_die("generate")
+        write_safetensors(shard_file, tensors)
+    barrier()
+    if rank == 0:
+        _merge_candidates(out, prompts, cfg.candidates, world)
+    barrier()
+    return out
+
+
+def _merge_candidates(out: Path, prompts: list[str], n: int, world: int) -> None:
+    from safetensors import safe_open
+
+    cols = {k: [] for k in ("prompt_idx", "prompt", "cand", "seed", "shard", "offset")}
+    for shard in range(world):
+        path = out / f"cand_r{shard:03d}.safetensors"
+        if not path.is_file():
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            ids, seeds = f.get_tensor("prompt_ids").tolist(), f.get_tensor("seeds").tolist()
+        for j, p in enumerate(ids):
+            for c in range(n):
+                for key, value in zip(cols, (p, prompts[p], c, seeds[j * n + c], shard, j * n + c)):
+                    cols[key].append(value)
+    got = sorted(zip(cols["prompt_idx"], cols["cand"]))
+    expected = [(p, c) for p in range(len(prompts)) for c in range(n)]
+    if got != expected:
+        raise RuntimeError(f"{out}: candidate shards are incomplete or overlap "
+                           f"({len(got)} candidates, {len(set(got))} distinct, {len(expected)} expected)")
+    write_json(out / "prompts.json", prompts)
+    write_json(out / "meta.json", {"candidates": n, "shards": world, "prompts": len(prompts)})
+    write_parquet(out / "index.parquet", cols)
+
+
+# --------------------------------------------------------------------------------------------
+# rank
+# --------------------------------------------------------------------------------------------
+
+def _forward_chunks(unet, x, t, hidden, pooled, time_ids, batch: int) -> torch.Tensor:
+    dtype = next(unet.parameters()).dtype
+    outs = []
+    for i in range(0, x.shape[0], batch):
+        sl = slice(i, i + batch)
+        kwargs = {}
+        if pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[sl].to(dtype), "time_ids": time_ids[sl].to(dtype)}
+        outs.append(unet(x[sl].to(dtype), t[sl], encoder_hidden_states=hidden[sl].to(dtype), **kwargs).sample.float())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
+                  batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit reward of a prompt's N candidates over K (t, noise) draws shared by all N.
+
+    Returns reward [N] and per-draw values [N, K]."""
+    n, shape = latents.shape[0], latents.shape[1:]
+    dev = next(cur.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (draws,), generator=gen)
+    eps = torch.randn((draws, *shape), generator=gen)
+    x0 = latents.to(dev).unsqueeze(1).expand(n, draws, *shape).reshape(n * draws, *shape)
+    tt = t.to(dev).repeat(n)
+    noise = eps.to(dev).unsqueeze(0).expand(n, draws, *shape).reshape(n * draws, *shape)
+    x_t = scheduler.add_noise(x0, noise, tt)
+    h = hidden.to(dev).expand(n * draws, *hidden.shape[1:])
+    p = pooled.to(dev).expand(n * draws, -1) if pooled is not None else None
+    tids = None
+    if p is not None:
+        res = float(shape[-1] * 8)
+        tids = torch.tensor([res, res, 0.0, 0.0, res, res], device=dev).expand(n * draws, 6)
+    cur_pred = _forward_chunks(cur, x_t, tt, h, p, tids, batch).view(1, n, draws, *shape)
+    ref_pred = _forward_chunks(ref, x_t, tt, h, p, tids, batch).view(1, n, draws, *shape)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, tt).view(1, n, draws, *shape)
+    else:
+        target = eps.to(dev).unsqueeze(0)                     # [1, K, ...] shared by the N candidates
+    out = implicit_reward(cur_pred, ref_pred, target, beta)
+    return out.reward[0].cpu(), out.per_draw[0].cpu()
+
+
+def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path, *,
+                    seed: int, iteration: int, rank: int, world: int, device, barrier) -> Path:
+    """Self-ranking: implicit reward of every candidate (current model vs ranking reference)."""
+    part = out.parent / f".rewards_r{rank:03d}.parquet"
+    mine = list(range(rank, len(cands.prompts), world))
+    if not part.is_file():
+        comps = load_components(cur_dir, with_text=False, with_vae=False)
+        cur = comps.unet.to(device).eval()
+        ref = load_unet(ref_dir).to(device).eval()
+        rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
+        for j, p in enumerate(tqdm(mine, desc="rank", disable=rank != 0, mininterval=2)):
+            latents, hidden, pooled = cands.of_prompt(p)
+            reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
+                                             draws=cfg.rank_draws, beta=beta, seed=_seed(seed, iteration, p, 99),
+                                             batch=cfg.rank_batch_size)
+            rows["prompt_idx"] += [p] * len(reward)
+            rows["cand"] += list(range(len(reward)))
+            rows["reward"] += reward.tolist()
+            rows["draws"] += per_draw.tolist()
+            if j == len(mine) // 2:
+                maybe_die("rank")
+        write_parquet(part, rows)
+    barrier()
+    if rank == 0:
+        tables = [pq.read_table(out.parent / f".rewards_r{r:03d}.parquet") for r in range(world)
+                  if (out.parent / f".rewards_r{r:03d}.parquet").is_file()]
+        write_parquet(out, pa.concat_tables(tables).sort_by([("prompt_idx", "ascending"), ("cand", "ascending")]))
+    barrier()
+    return out
+
+
+def score_candidates_external(cands: Candidates, scorer, out: Path) -> Path:
+    """OnlineDPO: rewards from an external scorer on the decoded candidates (pixel space here)."""
+    from engine.sampling import latents_to_uint8
+
+    rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
+    for p in range(len(cands.prompts)):
+        latents, _, _ = cands.of_prompt(p)
+        scores = np.asarray(scorer(latents_to_uint8(latents), [cands.prompts[p]] * len(latents)), dtype=np.float64)
+        rows["prompt_idx"] += [p] * len(scores)
+        rows["cand"] += list(range(len(scores)))
+        rows["reward"] += scores.tolist()
+        rows["draws"] += [[s] for s in scores.tolist()]
+    return write_parquet(out, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# pair and mix
+# --------------------------------------------------------------------------------------------
+
+def choose_pairs(rewards: dict, pairing: str, seed: int) -> dict:
+    """Per prompt: (argmax, argmin) of the reward, or a random distinct pair."""
+    by_prompt: dict[int, list[tuple[int, float]]] = {}
+    for p, c, r in zip(rewards["prompt_idx"], rewards["cand"], rewards["reward"]):
+        by_prompt.setdefault(p, []).append((c, r))
+    out = {"prompt_idx": [], "winner": [], "loser": [], "margin": []}
+    for p in sorted(by_prompt):
+        items = sorted(by_prompt[p])
+        rs = np.array([r for _, r in items])
+        if pairing == "best_worst":
+            w, l = int(rs.argmax()), int(rs.argmin())
+        else:
+            rng = np.random.default_rng(_seed(seed, p, 7))
+            a, b = rng.choice(len(items), size=2, replace=False)
+            w, l = (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
+        out["prompt_idx"].append(p)
+        out["winner"].append(items[w][0])
+        out["loser"].append(items[l][0])
+        out["margin"].append(float(rs[w] - rs[l]))
+    return out
+
+
+def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out: Path) -> Path:
+    """The chosen pairs as a pair cache: latents stay latents (no decode / re-encode)."""
+    lw, ll, hid, pooled = [], [], [], []
+    for p, w, l in zip(pairs["prompt_idx"], pairs["winner"], pairs["loser"]):
+        latents, hidden, pool = cands.of_prompt(p)
+        lw.append(latents[w:w + 1])
+        ll.append(latents[l:l + 1])
+        hid.append(hidden)
+        if pool is not None:
+            pooled.append(pool)
+    batch = PairBatch(torch.cat(lw), torch.cat(ll), torch.cat(hid), torch.cat(pooled) if pooled else None)
+    if pooled:
+        res = float(batch.latents_w.shape[-1] * 8)
+        batch.time_ids_w = batch.time_ids_l = torch.tensor([[res, res, 0.0, 0.0, res, res]]).expand(len(lw), 6)
+    captions = [cands.prompts[p] for p in pairs["prompt_idx"]]
+    write_shard(out, 0, batch, captions, [f"generated:{p}" for p in pairs["prompt_idx"]])
+    write_empty_prompt(out, seed_cache.empty_hidden, seed_cache.empty_pooled)
+    finalize_cache(out, 1, {"version": 1, "kind": seed_cache.meta.get("kind"), "generated": True})
+    return out
+
+
+def mix_pairs(n_generated: int, n_seed: int, alpha: float, seed: int) -> list[tuple[int, int]]:
+    """Training entries (cache, row): all generated pairs (cache 1) and seed pairs (cache 0) in
+    the proportion alpha : 1 - alpha; alpha = 1 is the no-mixup ablation."""
+    entries = [(1, r) for r in range(n_generated)]
+    if alpha >= 1.0:
+        return entries
+    want = int(round(n_generated * (1.0 - alpha) / alpha))
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n_seed, size=want, replace=want > n_seed)
+    return [(0, int(r)) for r in rows] + entries
+
+
+def write_mix(out: Path, seed_cache_dir: Path, gen_cache_dir: Path, entries: list[tuple[int, int]]) -> Path:
+    caches = [os.path.relpath(seed_cache_dir, out.parent), os.path.relpath(gen_cache_dir, out.parent)]
+    write_train_set(out, caches, entries)
+    return out
