@@ -162,6 +162,7 @@ class Controller:
             if self.cfg.toy.enabled:
                 pairs.update(candidate_diagnostics(cands, pairs, d / "diagnostics.json", self.cfg.toy.world.oracle))
             write_parquet(d / "pairs.parquet", pairs)
+            sail.maybe_die("pair")
             sail.build_pair_cache(cands, pairs, PairCache(seed_cache_dir(self.cfg)), d / "pairs_cache")
         return [d / "pairs.parquet", d / "pairs_cache"]
 
@@ -171,6 +172,7 @@ class Controller:
             n_gen, n_seed = len(PairCache(d / "pairs_cache")), len(PairCache(seed_cache_dir(self.cfg)))
             entries = sail.mix_pairs(n_gen, n_seed, self.cfg.sail.alpha, self.cfg.seed * 31 + i)
             sail.write_mix(d / "train_set.parquet", seed_cache_dir(self.cfg), d / "pairs_cache", entries)
+            sail.maybe_die("mix")
         return [d / "train_set.parquet"]
 
     def _train(self, i: int) -> list:
@@ -191,6 +193,7 @@ class Controller:
         out = self.run_dir / "base_eval" if i < 0 else self.it_dir(i) / "eval"
         if self.strategy.is_main:
             evaluate_iteration(self.cfg, self.model(i), self.plan.eval_prompts, out)
+            sail.maybe_die("evaluate")
         return [out]
 
 

@@ -19,6 +19,8 @@ from engine.config import TrainConfig
 from engine.data.cache import PairBatch, TrainSet
 from engine.io import write_json
 from engine.losses import dpo_loss
+from engine.lora import reference_forward
+from engine.sail import maybe_die
 from engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,8 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
     x_in = x_t.to(dtype)
     with strategy.autocast():
         model_pred = strategy.policy(x_in, t2, **kwargs).sample
-        with torch.no_grad():
-            ref_pred = strategy.reference(x_in, t2, **kwargs).sample
+        with torch.no_grad():   # LoRA mode: no reference model, the policy with adapters off
+            ref_pred = reference_forward(strategy.policy, strategy.reference, x_in, t2, **kwargs).sample
     return dpo_loss(model_pred, ref_pred, target, beta)
 
 
@@ -146,6 +148,7 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
         # ---- checkpoint --------------------------------------------------------------------------
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop_at:
             strategy.save_checkpoint(ckpt_dir, done, {"step": done, "history": history})
+            maybe_die("train")
     if writer is not None:
         writer.close()
     final = {k: v for k, v in history[-1].items()} if history else {}
