@@ -15,7 +15,8 @@ from engine.data.cache import PairCache, TrainSet
 from engine.data.encode import encode_pickapic
 from engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                            set_attention_backend)
-from engine.strategy import Strategy, describe_strategy, make_strategy
+from engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
+from engine.strategy import DeepSpeedStrategy, Strategy, describe_strategy, make_strategy
 from engine.trainer import StageResult, train_dpo, write_stage_metrics
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,17 @@ def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir:
     """DPO with init = reference = ``init_model``; writes ``out_dir/model`` and ``out_dir/metrics.json``."""
     strategy = make_strategy(cfg.train, cfg.distributed)
     comps = load_components(init_model, with_text=False, with_vae=False)
-    policy, reference = comps.unet, load_unet(init_model)   # the reference is loaded, never deep-copied
+    use_lora = cfg.model.lora.rank > 0
+    # The reference is loaded, never deep-copied; with LoRA it is the policy with adapters off.
+    policy, reference = comps.unet, (None if use_lora else load_unet(init_model))
     backend = set_attention_backend(policy, cfg.model.attention)
-    set_attention_backend(reference, cfg.model.attention)
+    if reference is not None:
+        set_attention_backend(reference, cfg.model.attention)
+    if use_lora:
+        add_lora(policy, cfg.model.lora)
     if cfg.model.gradient_checkpointing:
+        if use_lora and isinstance(strategy, DeepSpeedStrategy):
+            require_frozen_recompute_support(cfg.distributed.zero_stage)
         policy.enable_gradient_checkpointing()
     unet_config = dict(policy.config)
     strategy.prepare(policy, reference, cfg.train.steps, len(train_set))
@@ -72,6 +80,9 @@ def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir:
         return result
     state = strategy.policy_state_dict()
     if strategy.is_main:
+        if use_lora:   # adapters in the diffusers format, and the merged full UNet for later stages
+            save_lora(out_dir / LORA_DIR, state, policy, cfg.model.lora, comps.kind, init_model)
+            state = merge_lora_state(state, cfg.model.lora)
         save_model_folder(out_dir / "model", state, unet_config, comps, source=init_model)
         write_stage_metrics(out_dir / "metrics.json", result, {
             "seconds": time.perf_counter() - t0, "attention_backend": backend,

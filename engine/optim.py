@@ -1,4 +1,21 @@
-"""Optimizers, the learning-rate schedule and the derived DeepSpeed config."""
+"""Optimizers, the learning-rate schedule and the derived DeepSpeed config.
+
+Optimizers (``train.optimizer.name``):
+
+- ``adamw``: torch AdamW locally; DeepSpeed's native AdamW section under DeepSpeed (fused on GPU,
+  torch's on CPU, DeepSpeedCPUAdam with optimizer offload).
+- ``adamw8bit``: bitsandbytes AdamW8bit (blockwise 8-bit moments), a client optimizer. Under
+  ZeRO 1-3 it steps the rank's flat fp32 partition, so every state is 8-bit. Refused with
+  optimizer offload: bitsandbytes keeps its states and kernels on the parameters' device and
+  DeepSpeed's offload expects a CPU optimizer (DeepSpeedCPUAdam).
+- ``adafactor``: transformers' Adafactor with the SDXL recipe (fixed lr: no relative step, no
+  parameter scaling, no first moment). Note: under ZeRO 1-3 (and bf16 at stage 0) DeepSpeed
+  hands it flat 1-D partitions, so the second moment is not factored (one fp32 value per
+  parameter instead of rows + columns); it still saves AdamW's first moment.
+
+Client optimizers need ``zero_allow_untested_optimizer``; Adafactor with optimizer offload needs
+``zero_force_ds_cpu_optimizer: false`` (it runs on the CPU, slowly). Both are derived here.
+"""
 from __future__ import annotations
 
 import copy
@@ -36,7 +53,8 @@ def build_optimizer(params, cfg: OptimizerConfig):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise ConfigError("train.optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from err
+            raise ConfigError("train.optimizer.name: adamw8bit needs bitsandbytes "
+                              "(pip install 'bitsandbytes>=0.45', or the bnb extra of this package)") from err
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adafactor":
         from transformers.optimization import Adafactor
@@ -78,9 +96,6 @@ def deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: in
     not in it: both strategies share one LambdaLR (see ``build_lr_scheduler``)."""
     global_batch = check_batch_arithmetic(train, dist, world_size)
     opt = train.optimizer
-    if opt.name == "adamw8bit" and dist.offload_optimizer:
-        raise ConfigError("train.optimizer.name: adamw8bit (bitsandbytes) cannot be combined with "
-                          "distributed.offload_optimizer: bitsandbytes optimizers keep their state on the GPU")
     zero = {"stage": dist.zero_stage}
     if dist.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, contiguous_gradients=True,
@@ -104,8 +119,30 @@ def deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: in
             # torch's AdamW on CPU (no fused CUDA kernels to build); DeepSpeed's fused Adam on GPU.
             "torch_adam": on_cpu, "adam_w_mode": True}}
     else:
+        # A client optimizer (bitsandbytes, transformers): DeepSpeed refuses it under ZeRO otherwise.
         cfg["zero_allow_untested_optimizer"] = True
-    return _merge(cfg, dist.deepspeed)
+        if dist.offload_optimizer:
+            cfg["zero_force_ds_cpu_optimizer"] = False
+    cfg = _merge(cfg, dist.deepspeed)
+    check_offload_compatible(opt, cfg)
+    return cfg
+
+
+def offloads_optimizer(ds_cfg: dict) -> bool:
+    """True when a DeepSpeed config moves optimizer states off the GPU (cpu or nvme)."""
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def check_offload_compatible(opt: OptimizerConfig, ds_cfg: dict) -> None:
+    """Refuse a bitsandbytes optimizer with optimizer offload, however the offload was asked for
+    (``distributed.offload_optimizer`` or the ``distributed.deepspeed`` passthrough)."""
+    if opt.name == "adamw8bit" and offloads_optimizer(ds_cfg):
+        raise ConfigError(
+            "train.optimizer.name: adamw8bit (bitsandbytes) cannot be combined with optimizer offload "
+            "(distributed.offload_optimizer or zero_optimization.offload_optimizer in distributed.deepspeed): "
+            "bitsandbytes keeps its 8-bit states and kernels on the parameters' device, while ZeRO-Offload "
+            "steps the optimizer on the CPU. Use adamw8bit without offload, or adamw / adafactor with offload.")
 
 
 def reference_deepspeed_config(policy_cfg: dict) -> dict:

@@ -175,14 +175,24 @@ class LocalStrategy(Strategy):
 
 
 def optimizer_state_to_flat(state: dict) -> tuple[dict, dict]:
-    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
-    tensors, scalars = {}, {}
+    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest). One level of
+    nesting is kept as ``idx.name/sub`` (bitsandbytes >= 0.48 nests its 8-bit states)."""
+    tensors, scalars, seen = {}, {}, set()
     for idx, entry in state["state"].items():
+        flat = {}
         for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
+            if isinstance(value, dict):
+                flat.update({f"{name}/{sub}": v for sub, v in value.items()})
             else:
+                flat[name] = value
+        for name, value in flat.items():
+            if not torch.is_tensor(value):
                 scalars[f"{idx}.{name}"] = value
+                continue
+            if value.data_ptr() in seen:     # shared (bitsandbytes' quantization maps): safetensors refuses aliases
+                value = value.clone()
+            seen.add(value.data_ptr())
+            tensors[f"{idx}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
@@ -190,7 +200,12 @@ def optimizer_state_from_flat(tensors: dict, meta: dict) -> dict:
     state: dict = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        entry = state.setdefault(int(idx), {})
+        if "/" in name:
+            outer, inner = name.split("/", 1)
+            entry.setdefault(outer, {})[inner] = value
+        else:
+            entry[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -1,0 +1,312 @@
+"""Optimizers (adamw8bit, adafactor) locally and under DeepSpeed ZeRO 0-3 on 2 CPU ranks; the
+derived DeepSpeed settings; the refusal of bitsandbytes + optimizer offload.
+
+This file is also the 2-rank worker: ``deepspeed --num_gpus 2 tests/engine/test_optim.py
+--spec spec.json --out result.json`` trains tiny UNets on a fixed batch for each run of the
+spec (see ``zero_worker``) and rank 0 writes the losses and optimizer-state facts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:     # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(REPO))
+
+from engine.config import DistributedConfig, LoRAConfig, OptimizerConfig, TrainConfig  # noqa: E402
+from engine.configtree import ConfigError  # noqa: E402
+from engine.optim import deepspeed_config  # noqa: E402
+
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                               reason="bitsandbytes not installed (pip install bitsandbytes)")
+needs_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not installed")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixed-batch training shared by the local tests and the 2-rank worker
+# ------------------------------------------------------------------------------------------------
+
+def tiny_unet(seed: int = 0):
+    from engine.models import _unet_config
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**_unet_config("tiny-sd15"))
+
+
+def fixed_batch(rank: int, pairs: int = 1):
+    """One rank's fixed pairs, timesteps and noise (different per rank, the same every step)."""
+    from engine.data.cache import PairBatch
+
+    g = torch.Generator().manual_seed(100 + rank)
+    batch = PairBatch(torch.randn(pairs, 4, 16, 16, generator=g), torch.randn(pairs, 4, 16, 16, generator=g),
+                      torch.randn(pairs, 16, 32, generator=g))
+    t = torch.randint(100, 900, (pairs,), generator=g)
+    noise = torch.randn(pairs, 4, 16, 16, generator=g)
+    return batch, t, noise
+
+
+def train_fixed_batch(strategy, steps: int, beta: float, rank: int = 0, pairs: int = 1) -> list[float]:
+    """``steps`` optimizer steps on one fixed batch; the loss of every step (mean over ranks)."""
+    from diffusers import DDPMScheduler
+
+    from engine.trainer import dpo_forward
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    batch, t, noise = fixed_batch(rank, pairs)
+    empty = torch.zeros(pairs, dtype=torch.bool)
+    losses = []
+    for _ in range(steps):
+        out = dpo_forward(strategy, sched, batch, t, noise, empty, torch.zeros(1, 16, 32), None, beta)
+        strategy.backward(out.loss)
+        strategy.step()
+        losses.append(float(strategy.all_reduce_mean(out.loss.detach().float())))
+    return losses
+
+
+def state_facts(optimizer) -> dict:
+    """Dtypes and shapes of an optimizer's state tensors, by state name."""
+    facts: dict = {}
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.numel() > 1:
+                facts.setdefault(name, {"dtypes": set(), "max_dim": 0})
+                facts[name]["dtypes"].add(str(value.dtype).replace("torch.", ""))
+                facts[name]["max_dim"] = max(facts[name]["max_dim"], value.dim())
+    return {k: {"dtypes": sorted(v["dtypes"]), "max_dim": v["max_dim"]} for k, v in facts.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The 2-rank worker
+# ------------------------------------------------------------------------------------------------
+
+def zero_worker(spec: dict) -> dict:
+    """Runs under the deepspeed launcher. Each run: {optimizer, zero_stage, lr, steps, beta,
+    checkpointing, lora_rank, precision}; returns losses, optimizer-state facts, and how many
+    times the gradient-checkpointing function ran."""
+    from engine.lora import add_lora
+    from engine.strategy import DeepSpeedStrategy
+
+    results = []
+    for run in spec["runs"]:
+        train = TrainConfig(beta=run["beta"], steps=run["steps"], micro_batch_pairs=1, clip_grad_norm=1.0,
+                            precision=run.get("precision", "fp32"),
+                            optimizer=OptimizerConfig(name=run["optimizer"], lr=run["lr"], eps=1e-6))
+        dist = DistributedConfig(backend="deepspeed", zero_stage=run["zero_stage"])
+        strategy = DeepSpeedStrategy(train, dist)
+        policy = tiny_unet()
+        reference = None
+        if run.get("lora_rank", 0):
+            add_lora(policy, LoRAConfig(rank=run["lora_rank"]))
+        else:
+            reference = tiny_unet()
+        calls = [0]
+        if run.get("checkpointing"):
+            def counting_checkpoint(module, *args):
+                calls[0] += 1
+                return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+            policy.enable_gradient_checkpointing(counting_checkpoint)
+        strategy.prepare(policy, reference, run["steps"], strategy.world_size)
+        losses = train_fixed_batch(strategy, run["steps"], run["beta"], rank=strategy.rank)
+        results.append(dict(run, losses=losses, checkpoint_calls=calls[0],
+                            basic_optimizer=type(strategy.engine.basic_optimizer).__name__,
+                            wrapper=type(strategy.engine.optimizer).__name__,
+                            states=state_facts(strategy.engine.basic_optimizer)))
+        strategy.engine.destroy()
+    return {"world_size": strategy.world_size, "results": results}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_zero_worker(tmp_path: Path, runs: list[dict], nprocs: int = 2, timeout: int = 900) -> dict:
+    """Start ``zero_worker`` on ``nprocs`` CPU ranks with the deepspeed launcher; rank 0's result."""
+    spec, out = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+           "--spec", str(spec), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text())
+
+
+def assert_decreasing(losses: list[float], factor: float = 0.7) -> None:
+    """Starts at log 2 (policy == reference), falls at every step, ends well below the start."""
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4), losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < factor * losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Derived DeepSpeed settings and refusals (pure functions)
+# ------------------------------------------------------------------------------------------------
+
+def _ds(name: str, stage: int = 3, offload: bool = False, passthrough: dict | None = None) -> dict:
+    train = TrainConfig(optimizer=OptimizerConfig(name=name))
+    dist = DistributedConfig(zero_stage=stage, offload_optimizer=offload, deepspeed=passthrough or {})
+    return deepspeed_config(train, dist, world_size=2, precision="bf16", on_cpu=False)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adafactor"])
+def test_client_optimizers_are_allowed_under_zero(name):
+    cfg = _ds(name)
+    assert cfg["zero_allow_untested_optimizer"] is True
+    assert "optimizer" not in cfg                  # a client optimizer, not a DeepSpeed section
+    assert "zero_force_ds_cpu_optimizer" not in cfg
+
+
+def test_adamw_uses_the_native_deepspeed_section():
+    cfg = _ds("adamw")
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert "zero_allow_untested_optimizer" not in cfg
+
+
+def test_adafactor_with_offload_allows_a_client_cpu_optimizer():
+    cfg = _ds("adafactor", offload=True)
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+
+
+@pytest.mark.parametrize("how", ["flag", "passthrough"])
+def test_bitsandbytes_with_offload_is_refused(how):
+    kwargs = {"offload": True} if how == "flag" else {
+        "passthrough": {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}}}
+    with pytest.raises(ConfigError) as err:
+        _ds("adamw8bit", **kwargs)
+    assert "adamw8bit (bitsandbytes) cannot be combined with optimizer offload" in str(err.value)
+    _ds("adamw8bit", passthrough={"zero_optimization": {"offload_optimizer": {"device": "none"}}})  # no offload: fine
+
+
+def test_bitsandbytes_with_offload_fails_fast_at_the_entry_point(tmp_path):
+    """The whole launch path: the error names both settings, no model or data is touched."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", "tiny_sd15.json", "--run-dir", str(tmp_path / "run"),
+         "--set", "train.optimizer.name=adamw8bit", "--set", "distributed.offload_optimizer=true",
+         "--set", "distributed.backend=deepspeed", "--set", 'data.train=["/nonexistent/*.parquet"]'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "adamw8bit (bitsandbytes) cannot be combined with optimizer offload" in out, out[-3000:]
+    assert "matches no file" not in out          # refused before the data is read
+
+
+# ------------------------------------------------------------------------------------------------
+# Local strategy (one process)
+# ------------------------------------------------------------------------------------------------
+
+def _local(name: str, lr: float):
+    from engine.strategy import LocalStrategy
+
+    train = TrainConfig(beta=500.0, steps=6, optimizer=OptimizerConfig(name=name, lr=lr, eps=1e-6))
+    strategy = LocalStrategy(train, DistributedConfig(backend="local"), device=torch.device("cpu"))
+    strategy.prepare(tiny_unet(), tiny_unet(), train.steps, 1)
+    return strategy
+
+
+@pytest.mark.parametrize("name, lr", [pytest.param("adamw8bit", 3e-5, marks=needs_bnb), ("adafactor", 3e-5)])
+def test_local_optimizer_lowers_the_loss_on_a_fixed_batch(name, lr):
+    torch.set_num_threads(1)
+    strategy = _local(name, lr)
+    assert_decreasing(train_fixed_batch(strategy, 5, beta=500.0))
+    facts = state_facts(strategy.optimizer)
+    if name == "adamw8bit":
+        assert type(strategy.optimizer).__name__ == "AdamW8bit"
+        # bitsandbytes keeps 32-bit states for tensors under 4096 elements (biases, norms) only
+        for param, state in strategy.optimizer.state.items():
+            expected = torch.uint8 if param.numel() >= 4096 else torch.float32
+            assert state["state1"].dtype == expected and state["state2"].dtype == expected, param.shape
+    else:
+        # SDXL recipe: fixed lr (no relative step, no parameter scaling), no first moment, and
+        # factored second moments (row + column vectors) for the 2-D / 4-D weights.
+        group = strategy.optimizer.param_groups[0]
+        assert group["relative_step"] is False and group["scale_parameter"] is False and group["lr"] == lr
+        assert "exp_avg" not in facts and "exp_avg_sq_row" in facts and "exp_avg_sq_col" in facts
+
+
+@pytest.mark.parametrize("name", [pytest.param("adamw8bit", marks=needs_bnb), "adafactor"])
+def test_local_checkpoint_resumes_the_optimizer_exactly(tmp_path, name):
+    """4 steps straight == 2 steps, save (safetensors + JSON), fresh strategy, load, 2 steps."""
+    torch.set_num_threads(1)
+    straight = _local(name, 3e-5)
+    ref_losses = train_fixed_batch(straight, 4, beta=500.0)
+    first = _local(name, 3e-5)
+    train_fixed_batch(first, 2, beta=500.0)
+    first.save_checkpoint(tmp_path, 2, {"step": 2})
+    resumed = _local(name, 3e-5)
+    assert resumed.load_checkpoint(tmp_path)["step"] == 2
+    losses = train_fixed_batch(resumed, 2, beta=500.0)
+    assert losses == pytest.approx(ref_losses[2:], rel=1e-6, abs=1e-7)
+    for (k, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed, 2 CPU ranks
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@needs_launcher
+@needs_bnb
+def test_client_optimizers_under_zero3_on_two_ranks(tmp_path):
+    runs = [dict(optimizer=name, zero_stage=3, lr=3e-5, steps=5, beta=500.0) for name in ("adamw8bit", "adafactor")]
+    out = launch_zero_worker(tmp_path, runs)
+    assert out["world_size"] == 2
+    by_name = {r["optimizer"]: r for r in out["results"]}
+    for name, res in by_name.items():
+        assert_decreasing(res["losses"])
+        assert res["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert by_name["adamw8bit"]["basic_optimizer"] == "AdamW8bit"
+    # every state of the rank's flat fp32 partition is 8-bit under ZeRO-3
+    assert by_name["adamw8bit"]["states"]["state1"]["dtypes"] == ["uint8"]
+    assert by_name["adamw8bit"]["states"]["state2"]["dtypes"] == ["uint8"]
+    assert by_name["adafactor"]["basic_optimizer"] == "Adafactor"
+    # ZeRO hands Adafactor 1-D partitions: an unfactored second moment, no first moment
+    assert by_name["adafactor"]["states"]["exp_avg_sq"]["max_dim"] == 1
+    assert "exp_avg_sq_row" not in by_name["adafactor"]["states"] and "exp_avg" not in by_name["adafactor"]["states"]
+
+
+@pytest.mark.slow
+@needs_launcher
+@needs_bnb
+def test_client_optimizers_under_zero_0_1_2_on_two_ranks(tmp_path):
+    runs = [dict(optimizer=name, zero_stage=stage, lr=3e-5, steps=3, beta=500.0)
+            for name in ("adamw8bit", "adafactor") for stage in (0, 1, 2)]
+    out = launch_zero_worker(tmp_path, runs)
+    for res in out["results"]:
+        assert_decreasing(res["losses"], factor=0.9)
+        expected = {"adamw8bit": "AdamW8bit", "adafactor": "Adafactor"}[res["optimizer"]]
+        assert res["basic_optimizer"] == expected, res
+
+
+def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = zero_worker(json.loads(Path(args.spec).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main()
