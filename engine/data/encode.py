@@ -45,8 +45,14 @@ def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resol
     rng = np.random.default_rng([seed, shard])
     gen = torch.Generator().manual_seed(seed * 100003 + shard)
     pixels, origs, crops, captions, sources = [], [], [], [], []
-    for ref, winner, loser in iter_pair_images(refs, report):
-        px, orig, crop = prepare_pair(winner, loser, resolution, cfg.random_crop, cfg.random_flip, rng)
+    if cfg.decoder == "dali":
+        from engine.data.dali import prepare_shard_dali
+
+        items = prepare_shard_dali(refs, cfg, resolution, rng, report)
+    else:
+        items = ((ref, *prepare_pair(winner, loser, resolution, cfg.random_crop, cfg.random_flip, rng))
+                 for ref, winner, loser in iter_pair_images(refs, report))
+    for ref, px, orig, crop in items:
         pixels.append(px)
         origs.append(orig)
         crops.append(crop)

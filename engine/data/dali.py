@@ -1,0 +1,223 @@
+"""DALI image decoding for the pre-encoding pass (``data.decoder: "dali"``).
+
+Pick-a-Pic parquet bytes go through ``external_source`` into DALI's image decoder ("mixed"
+nvJPEG decoding on CUDA; CPU decoding with ``device_id=None``), then resize, crop, flip and
+normalise to [-1, 1], CHW float.
+
+The geometry of every pair is decided on the host, before decoding, from the image headers and
+the same random draws in the same order as the PIL path (``images.prepare_pair``): one flip per
+pair (the same for winner and loser), a resize of the shorter side to the resolution, a centre
+or random square crop whose offsets are returned for the SDXL time ids. DALI only executes that
+plan, so the two paths agree exactly in geometry and differ only in the resampling filter
+(PIL bicubic vs DALI cubic with antialiasing) and, for JPEG, the decoder's IDCT.
+
+Sharding: the pre-encoding pass hands each global rank its own shards of the pair list
+(``encode_pickapic``); on CUDA the pipeline runs on the rank's local GPU (``LOCAL_RANK``).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.data.images import ImageDecodeError
+
+log = logging.getLogger(__name__)
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports (pip install nvidia-dali-cuda120 or -cuda130)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from an image's header, without decoding the pixels."""
+    from PIL import Image
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise ImageDecodeError("empty or non-bytes image cell")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            width, height = img.size
+    except Exception as err:  # PIL raises several unrelated types for corrupt data
+        raise ImageDecodeError(str(err)) from None
+    return height, width
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Where one image goes: resized to ``resized`` (h, w), then cropped at ``crop`` (top, left)."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+
+
+def plan_image(size: tuple[int, int], resolution: int, rng: np.random.Generator | None) -> ImagePlan:
+    """The arithmetic of ``images.resize_crop``: shorter side to ``resolution``, square crop
+    (random when ``rng`` is given, else centred)."""
+    h, w = size
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    if rng is not None:
+        crop = (int(rng.integers(0, nh - resolution + 1)), int(rng.integers(0, nw - resolution + 1)))
+    else:
+        crop = ((nh - resolution) // 2, (nw - resolution) // 2)
+    return ImagePlan((h, w), (nh, nw), crop)
+
+
+def plan_pair(sizes: tuple[tuple[int, int], tuple[int, int]], resolution: int, random_crop: bool, flip: bool,
+              rng: np.random.Generator) -> tuple[ImagePlan, ImagePlan, bool]:
+    """Winner and loser plans and the pair's flip, drawing from ``rng`` exactly as
+    ``images.prepare_pair`` does (flip first, then the crops of winner and loser)."""
+    do_flip = bool(flip and rng.random() < 0.5)
+    plans = [plan_image(size, resolution, rng if random_crop else None) for size in sizes]
+    return plans[0], plans[1], do_flip
+
+
+def _build_pipeline(batch_size: int, resolution: int, device_id: int | None, num_threads: int):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)    # (h, w)
+        crop = fn.external_source(name="crop", dtype=types.INT32, ndim=1)          # (top, left)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        # EXIF orientation ignored, as in the PIL path (np.asarray of the stored pixels)
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
+        images = fn.resize(images, size=resized, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.slice(images, start=crop, shape=[resolution, resolution], axis_names="HW",
+                          out_of_bounds_policy="error")
+        return fn.crop_mirror_normalize(images, mirror=mirror, mean=[127.5] * 3, std=[127.5] * 3,
+                                        output_layout="CHW", dtype=types.FLOAT)
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+class DaliPairDecoder:
+    """Decodes batches of up to ``max_batch_pairs`` pairs with one DALI pipeline.
+
+    ``device``: "cpu" (``device_id=None``) or "cuda" (mixed decoding on ``LOCAL_RANK``'s GPU).
+    """
+
+    def __init__(self, resolution: int, device: str = "cpu", num_threads: int = 2, max_batch_pairs: int = 16):
+        if not dali_available():
+            raise ImportError("data.decoder = 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
+                              "(or nvidia-dali-cuda130); it also runs on CPU")
+        self.resolution = resolution
+        self.device_id = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else None
+        self.max_batch_pairs = max_batch_pairs
+        # batch_size is DALI's maximum: smaller batches are fed as they come (variable batch size)
+        self._pipe = _build_pipeline(2 * max_batch_pairs, resolution, self.device_id, num_threads)
+
+    def decode(self, pairs: list[tuple[bytes, bytes]], plans: list[tuple[ImagePlan, ImagePlan, bool]]) -> torch.Tensor:
+        """Pixels [n, 2, 3, R, R] in [-1, 1] (winner, loser) following ``plans``."""
+        out = []
+        for start in range(0, len(pairs), self.max_batch_pairs):
+            chunk = pairs[start:start + self.max_batch_pairs]
+            chunk_plans = plans[start:start + self.max_batch_pairs]
+            out.append(self._run(chunk, chunk_plans).view(len(chunk), 2, 3, self.resolution, self.resolution))
+        return torch.cat(out)
+
+    def _run(self, pairs, plans) -> torch.Tensor:
+        encoded, resized, crop, mirror = [], [], [], []
+        for (winner, loser), (plan_w, plan_l, flip) in zip(pairs, plans):
+            for data, plan in ((winner, plan_w), (loser, plan_l)):
+                encoded.append(np.frombuffer(bytes(data), dtype=np.uint8))
+                resized.append(np.asarray(plan.resized, dtype=np.float32))
+                crop.append(np.asarray(plan.crop, dtype=np.int32))
+                mirror.append(np.asarray(int(flip), dtype=np.int32))
+        for name, data in (("encoded", encoded), ("resized", resized), ("crop", crop), ("mirror", mirror)):
+            self._pipe.feed_input(name, data)
+        (images,) = self._pipe.run()
+        if self.device_id is not None:
+            images = images.as_cpu()
+        return torch.from_numpy(np.array(images.as_tensor()))       # [2n, 3, R, R] float32
+
+
+_DECODERS: dict[tuple[int, str], DaliPairDecoder] = {}
+
+
+def shared_decoder(resolution: int) -> DaliPairDecoder:
+    """One decoder (and its pipelines) per process and resolution; on the GPU when there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = (resolution, device)
+    if key not in _DECODERS:
+        _DECODERS[key] = DaliPairDecoder(resolution, device, num_threads=min(4, os.cpu_count() or 1))
+    return _DECODERS[key]
+
+
+def prepare_shard_dali(refs: list, cfg, resolution: int, rng: np.random.Generator, report) -> list[tuple]:
+    """The pre-encoding pass's per-shard decoding through DALI: (ref, pixels [2, 3, R, R],
+    original sizes [2, 2], crop offsets [2, 2]) per kept pair, as the PIL path yields them.
+
+    Pairs whose headers do not parse are skipped and counted like undecodable ones. If DALI fails
+    on pixel data (a corrupt body behind a valid header), the shard is redone on the PIL path
+    from the same random state, which skips and counts exactly the bad pairs.
+    """
+    from engine.data.images import prepare_pair
+    from engine.data.pickapic import _FileCache, iter_pair_images
+
+    start_state = copy.deepcopy(rng.bit_generator.state)
+    cache, raw, kept_refs = _FileCache(), [], []
+    for ref in refs:
+        cols = cache.get(ref.file)
+        raw.append((cols[ref.winner_col][ref.row].as_py(), cols[ref.loser_col][ref.row].as_py()))
+    try:
+        kept, pixels, origs, crops = prepare_pairs_dali(shared_decoder(resolution), raw, cfg.random_crop,
+                                                        cfg.random_flip, rng)
+    except RuntimeError as err:   # DALI reports decoding errors as RuntimeError
+        log.warning("DALI could not decode a pair of this shard (%s); decoding the shard with PIL",
+                    str(err).splitlines()[0][:200])
+        rng.bit_generator.state = start_state
+        return [(ref, *prepare_pair(w, l, resolution, cfg.random_crop, cfg.random_flip, rng))
+                for ref, w, l in iter_pair_images(refs, report)]
+    kept_set = set(kept)
+    for i, ref in enumerate(refs):
+        if i not in kept_set:
+            report.note_undecodable(ref.row_id)
+    return [(refs[i], pixels[j], origs[j], crops[j]) for j, i in enumerate(kept)]
+
+
+def prepare_pairs_dali(decoder: DaliPairDecoder, raw: list[tuple[bytes, bytes]], random_crop: bool, flip: bool,
+                       rng: np.random.Generator) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DALI counterpart of calling ``prepare_pair`` on each pair, for a whole shard.
+
+    raw: (winner bytes, loser bytes) per pair. Returns the indices of the pairs kept (headers
+    that do not parse are skipped, as undecodable images are on the PIL path), pixels
+    [k, 2, 3, R, R], original sizes [k, 2, 2] and crop offsets [k, 2, 2] (h, w / top, left).
+    """
+    kept, plans, pairs = [], [], []
+    for i, (winner, loser) in enumerate(raw):
+        try:
+            sizes = (image_size(winner), image_size(loser))
+        except ImageDecodeError:
+            continue
+        kept.append(i)
+        plans.append(plan_pair(sizes, decoder.resolution, random_crop, flip, rng))
+        pairs.append((winner, loser))
+    if not kept:
+        empty = torch.zeros(0, 2, 2, dtype=torch.long)
+        return kept, torch.zeros(0, 2, 3, decoder.resolution, decoder.resolution), empty, empty
+    pixels = decoder.decode(pairs, plans)
+    origs = torch.tensor([[p.original for p in plan[:2]] for plan in plans])
+    crops = torch.tensor([[p.crop for p in plan[:2]] for plan in plans])
+    return kept, pixels, origs, crops
