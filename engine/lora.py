@@ -154,13 +154,5 @@ def require_frozen_recompute_support(zero_stage: int) -> None:
             "recompute. Upgrade deepspeed, use distributed.zero_stage 2, or turn checkpointing off.")
 
 
-def describe_lora(unet: nn.Module) -> dict:
-    """Trainable and total parameter counts (for logs and metrics)."""
-    params = list(_unwrap(unet).parameters())
-    numel = [getattr(p, "ds_numel", p.numel()) for p in params]   # ZeRO-3 partitions hold 0 locally
-    return {"trainable_params": sum(n for n, p in zip(numel, params) if p.requires_grad),
-            "total_params": sum(numel)}
-
-
 __all__ = ["add_lora", "adapters_disabled", "reference_forward", "merge_lora_state", "save_lora",
-           "require_frozen_recompute_support", "describe_lora", "LORA_DIR", "LORA_WEIGHTS"]
+           "require_frozen_recompute_support", "LORA_DIR", "LORA_WEIGHTS"]
