@@ -110,10 +110,12 @@ class Controller:
         return self.run_dir / "report.md"
 
     def _stage(self, i: int, name: str, force: bool = False) -> None:
-        manifest = Manifest(self.run_dir)
         if name == "evaluate" and not self.cfg.eval.enabled:
             return
-        if manifest.done(i, name) and not force:
+        # Rank 0 decides and tells the others: a rank that read the manifest after rank 0 had
+        # finished and recorded a fast stage would skip it, and its barriers, and desync.
+        done = self.strategy.broadcast_object(Manifest(self.run_dir).done(i, name) if self.strategy.is_main else None)
+        if done and not force:
             return
         t0 = time.perf_counter()
         log.info("iteration %d: %s", i, name)
