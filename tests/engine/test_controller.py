@@ -64,7 +64,12 @@ def _launch(cfg_path: Path, kill_at: str | None, extra=()):
 
 def test_sigkill_in_each_stage_then_resume_gives_the_same_model(tmp_path, toy_model):
     reference = config_from_dict(mini_config(tmp_path / "a", toy_model))
-    Controller(reference).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the same thread count as the resumed subprocesses below
+    try:
+        Controller(reference).run()
+    finally:
+        torch.set_num_threads(threads)
     stages = json.loads((tmp_path / "a" / "run" / "manifest.json").read_text())["stages"]
     assert list(stages) == ["iter_-01/evaluate", "iter_000/encode", "iter_000/train", "iter_000/evaluate",
                             "iter_001/generate", "iter_001/rank", "iter_001/pair", "iter_001/mix",
@@ -83,10 +88,11 @@ def test_sigkill_in_each_stage_then_resume_gives_the_same_model(tmp_path, toy_mo
     a, b = _weights(run_a, 1), _weights(run_b, 1)
     base = load_file(str(Path(toy_model) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3      # the loop did train
-    for key in a:   # the reference ran in-process with other thread counts: rounding-level slack
+    for key in a:   # in-process vs subprocess: rounding-level slack only
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
-    assert pq.read_table(run_a / "iter_001" / "pairs.parquet").to_pydict() == \
-        pq.read_table(run_b / "iter_001" / "pairs.parquet").to_pydict()
+    pa_, pb_ = (pq.read_table(r / "iter_001" / "pairs.parquet").to_pydict() for r in (run_a, run_b))
+    assert (pa_["winner"], pa_["loser"]) == (pb_["winner"], pb_["loser"])
+    torch.testing.assert_close(torch.tensor(pa_["margin"]), torch.tensor(pb_["margin"]), rtol=1e-3, atol=1e-4)
     report = (run_b / "report.md").read_text()
     assert "| iter_001 |" in report and (run_b / "metrics.png").is_file()
     assert (run_b / "iter_001" / "eval" / "samples.png").is_file()
