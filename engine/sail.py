@@ -61,6 +61,11 @@ class Candidates:
         self.prompts = read_json(self.folder / "prompts.json")
         self.n = read_json(self.folder / "meta.json")["candidates"]
         self._shards: dict[int, dict] = {}
+        self._rows: dict[int, list[int]] = {}     # prompt -> index rows, in candidate order
+        for i, p in enumerate(self.index["prompt_idx"]):
+            self._rows.setdefault(p, []).append(i)
+        for rows in self._rows.values():
+            rows.sort(key=lambda i: self.index["cand"][i])
 
     def _shard(self, shard: int) -> dict:
         if shard not in self._shards:
@@ -71,8 +76,7 @@ class Candidates:
 
     def of_prompt(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """latents [N, C, h, w], hidden [1, L, D], pooled [1, P] or None of prompt ``p``."""
-        rows = [i for i, q in enumerate(self.index["prompt_idx"]) if q == p]
-        rows.sort(key=lambda i: self.index["cand"][i])
+        rows = self._rows[p]
         shard = self.index["shard"][rows[0]]
         data = self._shard(shard)
         offs = [self.index["offset"][i] for i in rows]
