@@ -77,7 +77,7 @@ def test_shipped_base_model_follows_prompts(tmp_path):
     """A small held-out sample of the shipped model: the prompted attributes are there."""
     prompts = eval_prompts(ToyWorldConfig())[:12]
     m = evaluate_model(SHIPPED, tmp_path, prompts, EvalSettings(seeds_per_prompt=2, num_steps=10, batch_size=24))
-    # The shipped checkpoint (pretraining step 2000 of 4000) reads back ~36-50% of prompts right;
+    # The shipped model (4000 pretraining steps) reads back ~45% of held-out prompts right;
     # the 90% goal is not reached yet (README, status). Chance level is ~1/768: this still
     # catches a broken, mismatched or untrained model.
     assert m["fidelity/all"] >= 0.25
