@@ -24,6 +24,8 @@ import click  # noqa: E402
 @click.option("--warmup-steps", type=int, default=500, help="Linear warm-up steps.")
 @click.option("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights.")
 @click.option("--empty-prompt-prob", type=float, default=0.1, help="Classifier-free guidance dropout.")
+@click.option("--max-loss-weight", type=float, default=30.0,
+              help="Cap of the 1/abar_t timestep weight (v-loss for an epsilon model); 1 = plain epsilon loss.")
 @click.option("--seed", type=int, default=0, help="Seed of everything.")
 @click.option("--save-every", type=int, default=2000, help="Steps between saves of the EMA model.")
 @click.option("--log-every", type=int, default=100, help="Steps between loss logs.")
@@ -34,7 +36,7 @@ import click  # noqa: E402
 @click.option("--freeze-text-encoder", is_flag=True, help="Keep the text encoder at its random initialisation.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(out, steps, batch_size, lr, warmup_steps, ema_decay, empty_prompt_prob, seed, save_every, log_every,
+def main(out, steps, batch_size, lr, warmup_steps, ema_decay, empty_prompt_prob, max_loss_weight, seed, save_every, log_every,
          unet_channels, text_hidden, init_from, freeze_text_encoder, threads, quiet):
     """Pretrain the toy base model on rendered images and write a diffusers-format folder."""
     import torch
@@ -49,6 +51,7 @@ def main(out, steps, batch_size, lr, warmup_steps, ema_decay, empty_prompt_prob,
         spec = ToyModelSpec(unet_channels=tuple(int(c) for c in unet_channels.split(",")), text_hidden=text_hidden)
         cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup_steps, steps),
                              ema_decay=ema_decay, empty_prompt_prob=empty_prompt_prob, seed=seed,
+                             max_loss_weight=max_loss_weight,
                              save_every=save_every, log_every=min(log_every, steps),
                              train_text_encoder=not freeze_text_encoder, spec=spec, init_from=init_from)
     except ValueError as err:

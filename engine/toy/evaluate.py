@@ -35,7 +35,7 @@ class EvalSettings:
     """Images per prompt, seeds fixed by (world seed, prompt index, image index)."""
     num_steps: int = 20
     """DDIM steps."""
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.5
     """Classifier-free guidance scale."""
     batch_size: int = 512
     """Images per UNet batch."""

@@ -9,6 +9,7 @@ The text encoder is trained jointly (it is tiny); downstream DPO keeps it frozen
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -47,6 +48,9 @@ class PretrainConfig:
     """Classifier-free guidance dropout: fraction of images trained with the empty prompt."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
+    max_loss_weight: float = 30.0
+    """Cap of the per-timestep loss weight 1 / abar_t (the v-prediction loss written for an
+    epsilon model); 1 gives the plain epsilon loss. See ``timestep_weights``."""
     train_text_encoder: bool = True
     """Train the text encoder jointly (else it stays at its random initialisation)."""
     seed: int = 0
@@ -70,6 +74,8 @@ class PretrainConfig:
             raise ValueError(f"empty_prompt_prob: must be in [0, 1), got {self.empty_prompt_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.max_loss_weight < 1.0:
+            raise ValueError(f"max_loss_weight: must be >= 1, got {self.max_loss_weight}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
 
@@ -118,14 +124,28 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def denoising_loss(unet, text_encoder, scheduler, x0: torch.Tensor, ids: torch.Tensor,
+def timestep_weights(alphas_cumprod: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Loss weight per timestep: min(1 / abar_t, max_weight), normalised to mean 1 over t.
+
+    |v - v_hat|^2 = |eps - eps_hat|^2 / abar_t, so 1 / abar_t turns the epsilon loss into the
+    v-prediction loss (Salimans & Ho 2022). Plain epsilon MSE weights the error of the implied
+    x0 by SNR_t, almost nothing at high noise, where the global colours are decided: sampled
+    backgrounds then drift to mixtures of palette colours. The cap keeps t -> T bounded.
+    """
+    w = torch.clamp(1.0 / alphas_cumprod.double(), max=max_weight)
+    return (w / w.mean()).float()
+
+
+def denoising_loss(unet, text_encoder, scheduler, x0: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (mean over batch and pixels)."""
+    """Weighted epsilon-prediction MSE at uniformly drawn timesteps (mean over pixels, then
+    weighted mean over the batch); ``weights``: [num_train_timesteps] from ``timestep_weights``."""
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
     x_t = scheduler.add_noise(x0, noise, t)
     hidden = text_encoder(ids).last_hidden_state
-    return F.mse_loss(unet(x_t, t, hidden).sample, noise)
+    per_sample = F.mse_loss(unet(x_t, t, hidden).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (weights[t] * per_sample).mean()
 
 
 def _initial_model(cfg: PretrainConfig, world: ToyWorldConfig):
@@ -138,6 +158,12 @@ def _initial_model(cfg: PretrainConfig, world: ToyWorldConfig):
     model.unet.train().requires_grad_(True)
     model.text_encoder.train().requires_grad_(True)
     return model.unet, model.text_encoder, model.tokenizer, model.scheduler
+
+
+def _previous_record(folder: str | None) -> dict | None:
+    """The pretraining record of the folder a run continues from (provenance of the phases)."""
+    path = Path(folder) / "toy_pretrain.json" if folder else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, world: ToyWorldConfig | None = None,
@@ -154,15 +180,17 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, world: ToyWorldConfig | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     stream = RenderStream(world, tokenizer, cfg.batch_size, cfg.empty_prompt_prob, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    weights = timestep_weights(scheduler.alphas_cumprod, cfg.max_loss_weight)
     record = {"config": asdict(cfg), "world": asdict(world), "losses": [],
               "unet_parameters": sum(p.numel() for p in unet.parameters()),
-              "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())}
+              "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+              "previous": _previous_record(cfg.init_from)}
     start = time.time()
     running = torch.zeros(())
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, mininterval=5)
     for step in bar:
         x0, ids = stream.next()
-        loss = denoising_loss(unet, text_encoder, scheduler, x0, ids, gen)
+        loss = denoising_loss(unet, text_encoder, scheduler, x0, ids, weights, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -86,7 +86,7 @@ class ToyWorldConfig:
     """The "human": a ``module:function`` scoring (images_uint8 [B,H,W,3], prompts) -> [B]."""
     sample_steps: int = 20
     """DDIM steps when sampling the base model for the seed/full sets and for evaluation."""
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.5
     """Classifier-free guidance scale of that sampling."""
     sample_batch_size: int = 512
     """Images per UNet batch when sampling (one batch holds conditional + unconditional)."""

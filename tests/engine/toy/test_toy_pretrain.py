@@ -64,6 +64,23 @@ def test_pretrain_script_few_steps(tmp_path):
     assert result.exit_code == 0, result.output
     cont = _check_folder(more)
     assert sum(p.numel() for p in cont.parameters()) == record["unet_parameters"]
+    # the continuation keeps the provenance of the phase it started from
+    assert json.loads((more / "toy_pretrain.json").read_text())["previous"]["losses"] == record["losses"]
+
+
+def test_timestep_weights_turn_epsilon_loss_into_v_loss():
+    from engine.toy.model import build_scheduler
+    from engine.toy.pretrain import timestep_weights
+
+    abar = build_scheduler().alphas_cumprod
+    w = timestep_weights(abar, 30.0)
+    assert w.shape == (1000,) and abs(float(w.mean()) - 1.0) < 1e-5
+    # uncapped part: proportional to 1 / abar_t; capped at 30 x the t=0 weight's scale
+    ratio = float(w[400] / w[0])
+    assert ratio == pytest.approx(float(abar[0] / abar[400]), rel=1e-4) and ratio > 1.5
+    assert float(w[999] / w[0]) == pytest.approx(30.0 * float(abar[0]), rel=1e-4)
+    flat = timestep_weights(abar, 1.0)  # the plain epsilon loss
+    assert torch.allclose(flat, torch.ones(1000))
 
 
 def test_pretrain_rejects_bad_options(tmp_path):
