@@ -146,7 +146,7 @@ def _pair_rows(prompts: list[str], images: np.ndarray, scores: np.ndarray, seeds
         cols["b"] += pairs[:, 1].tolist()
         cols["rank"] += list(range(n_full))
     a, b = np.array(cols["a"]), np.array(cols["b"])
-    label_0 = bradley_terry_labels(scores[a], scores[b], cfg.label_temperature, rng)
+    label_0 = bradley_terry_labels(scores[a], scores[b], cfg.label_temperature, rng, cfg.tie_margin)
     uid = [f"toy-{s:016d}" for s in seeds]
     winner = np.where(label_0 == 1.0, a, b)
     return {

@@ -78,15 +78,19 @@ def preference_probability(score_a: np.ndarray, score_b: np.ndarray, temperature
 
 
 def bradley_terry_labels(score_a: np.ndarray, score_b: np.ndarray, temperature: float,
-                         rng: np.random.Generator) -> np.ndarray:
-    """Noisy label of image a per pair: 1.0 (a wins), 0.0 (b wins) or 0.5 (exactly equal scores).
+                         rng: np.random.Generator, tie_margin: float = 0.0) -> np.ndarray:
+    """Noisy label of image a per pair: 1.0 (a wins), 0.0 (b wins) or 0.5 (a tie).
 
-    One uniform draw per pair whatever T is, so changing T does not reshuffle the other draws.
+    A tie is a pair whose scores differ by at most ``tie_margin`` (the "human" cannot tell them
+    apart, as in Pick-a-Pic's no-preference votes); equal scores are always a tie. One uniform
+    draw per pair whatever T is, so changing T does not reshuffle the other draws.
     """
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0, got {temperature}")
+    if tie_margin < 0:
+        raise ValueError(f"tie_margin: must be >= 0, got {tie_margin}")
     score_a, score_b = np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)
     p = preference_probability(score_a, score_b, temperature)
     u = rng.random(p.shape)
     label = (u < p).astype(np.float64)
-    return np.where(score_a == score_b, 0.5, label)
+    return np.where(np.abs(score_a - score_b) <= tie_margin, 0.5, label)

@@ -82,6 +82,9 @@ class ToyWorldConfig:
     """Images per evaluation prompt (fixed seeds)."""
     label_temperature: float = 0.05
     """Bradley-Terry temperature of the oracle's labels: p(a beats b) = sigmoid((s_a - s_b) / T); 0 = no noise."""
+    tie_margin: float = 0.005
+    """Pairs whose oracle scores differ by at most this are labelled a tie (0.5 / 0.5), kept in
+    the parquet files like Pick-a-Pic's no-preference votes (~2% of the pairs at 0.005)."""
     oracle: str = DEFAULT_ORACLE
     """The "human": a ``module:function`` scoring (images_uint8 [B,H,W,3], prompts) -> [B]."""
     sample_steps: int = 20
@@ -111,6 +114,7 @@ class ToyWorldConfig:
         _check(used <= len(all_prompts()), "num_seed_prompts",
                f"seed {self.num_seed_prompts} + {self.num_iterations} x pool {self.pool_prompts} + eval "
                f"{self.num_eval_prompts} = {used} prompts, the world has {len(all_prompts())}")
+        _check(self.tie_margin >= 0, "tie_margin", f"must be >= 0, got {self.tie_margin}")
         _check(self.label_temperature >= 0, "label_temperature", f"must be >= 0, got {self.label_temperature}")
         _check(":" in self.oracle, "oracle", f"expected 'module:function', got {self.oracle!r}")
         _check(self.guidance_scale >= 1.0, "guidance_scale", f"must be >= 1, got {self.guidance_scale}")

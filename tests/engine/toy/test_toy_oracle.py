@@ -62,6 +62,9 @@ def test_bradley_terry_deterministic_and_ties():
     a, b = np.array([0.3, 0.1, 0.2, 0.2]), np.array([0.1, 0.3, 0.2, 0.2000001])
     np.testing.assert_array_equal(bradley_terry_labels(a, b, 0.0, rng), [1.0, 0.0, 0.5, 0.0])
     assert (bradley_terry_labels(np.full(50, 0.4), np.full(50, 0.4), 0.1, rng) == 0.5).all()
+    # within the tie margin: a tie; just outside it: a decided label
+    near = bradley_terry_labels(np.array([0.504, 0.496, 0.506, 0.49]), np.full(4, 0.5), 0.0, rng, tie_margin=0.005)
+    np.testing.assert_array_equal(near, [0.5, 0.5, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("gap, temperature", [(0.05, 0.05), (-0.02, 0.05), (0.1, 0.2)])
