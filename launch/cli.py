@@ -1,7 +1,7 @@
 """The `sail` console script: subcommands that mirror the launch scripts.
 
     sail train --config toy_cpu.json          = python launch/train.py --config toy_cpu.json
-    sail evaluate / sail toy-data / sail pretrain-toy
+    sail evaluate / sail toy-data / sail pretrain-toy / sail ablations
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "launch.evaluate",
     "toy-data": "launch.toy_data",
     "pretrain-toy": "launch.pretrain_toy",
+    "ablations": "launch.ablations",
 }
 
 

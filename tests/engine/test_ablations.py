@@ -1,0 +1,82 @@
+"""The results-table runner: arms, forks of iteration 0, and the aggregation across seeds."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.ablations import ARMS, arm_config, collect, fork_iteration0, mean_se, run_arms, write_table
+from engine.config import config_from_dict
+from engine.configtree import ConfigError
+from engine.manifest import Manifest
+from engine.run import run
+from tests.engine.test_controller import mini_config, toy_model  # noqa: F401  (fixture)
+
+
+def _unet(run_dir, it):
+    return load_file(str(run_dir / f"iter_{it:03d}" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model):  # noqa: F811
+    base = mini_config(tmp_path, toy_model, iterations=1)
+    base["eval"]["seeds_per_prompt"] = 1
+    out = tmp_path / "table"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_arms(base, "mini.json", [3, 4], ["sail", "dpo_full", "no_mixup"], out, run)
+    finally:
+        torch.set_num_threads(threads)
+    s3, f3, n3 = (out / "seed3" / a for a in ("sail", "dpo_full", "no_mixup"))
+    # the fork shares iteration 0 (same files), then trains its own iteration 1
+    a, b = s3 / "iter_000" / "model" / "unet" / "diffusion_pytorch_model.safetensors", \
+        n3 / "iter_000" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(a, b)
+    assert Manifest(n3).get(0, "train")["forked_from"] == str(s3)
+    assert any(not torch.equal(x, y) for x, y in zip(_unet(s3, 1).values(), _unet(n3, 1).values()))
+    assert json.loads((n3 / "config.json").read_text())["sail"]["alpha"] == 1.0
+    # seed 4's base evaluation is seed 3's (fixed sampling seeds), its training is its own
+    assert os.path.samefile(s3 / "base_eval" / "metrics.json", out / "seed4" / "sail" / "base_eval" / "metrics.json")
+    assert any(not torch.equal(x, y) for x, y in zip(_unet(s3, 0).values(), _unet(out / "seed4" / "sail", 0).values()))
+    # dpo_full trains on the full set, one iteration
+    cfg = json.loads((f3 / "config.json").read_text())
+    assert cfg["method"] == "dpo" and cfg["toy"]["preference_set"] == "full" and not (f3 / "iter_001").exists()
+
+    table = collect(out)
+    it1 = [json.loads((out / f"seed{s}" / "sail" / "iter_001" / "eval" / "metrics.json").read_text())["oracle/mean"]
+           for s in (3, 4)]
+    assert table["SAIL iteration 1"]["oracle/mean"] == it1
+    assert table["SAIL iteration 2"]["seeds"] == []                        # one iteration only
+    write_table(out)
+    md = (out / "table.md").read_text()
+    m, se, n = mean_se(it1)
+    assert f"| SAIL iteration 1 | 2 | 3 | {m:.3f} ± {se:.3f} |" in md and (out / "table.png").is_file()
+
+
+def test_mean_se_across_seeds():
+    m, se, n = mean_se([0.30, 0.34, None, float("nan"), 0.32])
+    assert (n, m) == (3, pytest.approx(0.32)) and se == pytest.approx(0.02 / math.sqrt(3))
+    assert math.isnan(mean_se([0.5])[1]) and mean_se([])[2] == 0
+
+
+def test_fork_refuses_a_different_iteration0(tmp_path, toy_model):  # noqa: F811
+    base = mini_config(tmp_path, toy_model)
+    src = arm_config(base, ARMS["sail"], 0, tmp_path, "mini.json")
+    with pytest.raises(ConfigError, match="has not completed"):
+        fork_iteration0(src, arm_config(base, ARMS["no_mixup"], 0, tmp_path, "mini.json"))
+    other = json.loads(json.dumps(base))
+    other["train"]["beta"] = 1000
+    with pytest.raises(ConfigError, match="train"):
+        fork_iteration0(src, arm_config(other, ARMS["no_mixup"], 0, tmp_path, "mini.json"))
+
+
+def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):  # noqa: F811
+    base = mini_config(tmp_path, toy_model)
+    with pytest.raises(ConfigError, match="unknown"):
+        run_arms(base, "mini.json", [0], ["sail", "ppo"], tmp_path, run)
+    base["method"] = "dpo"
+    with pytest.raises(ConfigError, match="method 'sail'"):
+        run_arms(base, "mini.json", [0], ["sail"], tmp_path, run)
