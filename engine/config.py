@@ -214,8 +214,15 @@ class SailConfig:
     """online_dpo: scorer name (see engine.toy.scorers) or module:function ranking the candidates."""
     train_steps: int | None = None
     """Optimizer steps per iteration (None: train.steps)."""
+    lr: float | None = None
+    """Learning rate of the iterations' training (None: train.optimizer.lr). Each iteration
+    resets the DPO reference to the previous model, so its steps add up across iterations."""
+    beta: float | None = None
+    """DPO beta of the iterations' training (None: train.beta); ranking uses train.beta."""
 
     def __post_init__(self):
+        require(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.beta is None or self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         require(self.iterations >= 0, "iterations", "must be >= 0")
         require(self.candidates >= 2, "candidates", f"must be >= 2 to form a pair, got {self.candidates}")
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")

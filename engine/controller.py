@@ -183,8 +183,7 @@ class Controller:
             train_set, cfg = TrainSet.from_cache(PairCache(seed_cache_dir(self.cfg))), self.cfg
         else:
             train_set = TrainSet.read(d / "train_set.parquet")
-            steps = self.cfg.sail.train_steps or self.cfg.train.steps
-            cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, steps=steps))
+            cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
         run_dpo_stage(cfg, self.model(i - 1), train_set, d, seed=self.cfg.seed + 1000 * i, tag=f"iter{i}",
                       stop_at=self.stop_at)
         if self.stop_at is not None and self.stop_at < cfg.train.steps:
@@ -197,6 +196,14 @@ class Controller:
             evaluate_iteration(self.cfg, self.model(i), self.plan.eval_prompts, out)
             sail.maybe_die("evaluate")
         return [out]
+
+
+def iteration_train_config(cfg: RunConfig):
+    """cfg.train with the SAIL iterations' overrides (steps, lr, beta) applied."""
+    s, t = cfg.sail, cfg.train
+    optimizer = dataclasses.replace(t.optimizer, lr=s.lr) if s.lr is not None else t.optimizer
+    return dataclasses.replace(t, steps=s.train_steps or t.steps, beta=s.beta if s.beta is not None else t.beta,
+                               optimizer=optimizer)
 
 
 def run_dpo_job(cfg: RunConfig, stop_at: int | None = None) -> Path:

@@ -27,7 +27,7 @@ def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model):  # noqa: F811
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_arms(base, "mini.json", [3, 4], ["sail", "dpo_full", "no_mixup"], out, run)
+        run_arms(base, "mini.json", [3, 4], ["sail", "dpo_full", "no_mixup", "online_dpo"], out, run)
     finally:
         torch.set_num_threads(threads)
     s3, f3, n3 = (out / "seed3" / a for a in ("sail", "dpo_full", "no_mixup"))
@@ -38,6 +38,13 @@ def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model):  # noqa: F811
     assert Manifest(n3).get(0, "train")["forked_from"] == str(s3)
     assert any(not torch.equal(x, y) for x, y in zip(_unet(s3, 1).values(), _unet(n3, 1).values()))
     assert json.loads((n3 / "config.json").read_text())["sail"]["alpha"] == 1.0
+    # iteration 1's candidates and rewards come from the shared iteration-0 model: linked
+    assert os.path.samefile(s3 / "iter_001" / "rewards.parquet", n3 / "iter_001" / "rewards.parquet")
+    shard = next((s3 / "iter_001" / "candidates").glob("*.safetensors"))
+    assert os.path.samefile(shard, n3 / "iter_001" / "candidates" / shard.name)
+    o3 = out / "seed3" / "online_dpo"            # same candidates, ranked by the external scorer instead
+    assert os.path.samefile(shard, o3 / "iter_001" / "candidates" / shard.name)
+    assert not os.path.samefile(s3 / "iter_001" / "rewards.parquet", o3 / "iter_001" / "rewards.parquet")
     # seed 4's base evaluation is seed 3's (fixed sampling seeds), its training is its own
     assert os.path.samefile(s3 / "base_eval" / "metrics.json", out / "seed4" / "sail" / "base_eval" / "metrics.json")
     assert any(not torch.equal(x, y) for x, y in zip(_unet(s3, 0).values(), _unet(out / "seed4" / "sail", 0).values()))

@@ -83,3 +83,16 @@ def test_shipped_configs_validate():
         assert cfg.train.steps > 0
     sdxl = load_config("sdxl_zero3.json")
     assert sdxl.distributed.zero_stage == 3 and sdxl.model.gradient_checkpointing
+
+
+def test_sail_iterations_train_overrides():
+    from engine.config import config_from_dict
+    from engine.controller import iteration_train_config
+
+    cfg = config_from_dict({"name": "x", "train": {"beta": 2000, "steps": 300, "optimizer": {"lr": 3e-5}},
+                            "sail": {"train_steps": 150, "lr": 1e-5}})
+    t = iteration_train_config(cfg)
+    assert (t.steps, t.optimizer.lr, t.beta) == (150, 1e-5, 2000)           # beta: train's
+    assert cfg.train.optimizer.lr == 3e-5 and cfg.train.steps == 300        # iteration 0 untouched
+    with pytest.raises(ConfigError, match="lr"):
+        config_from_dict({"name": "x", "sail": {"lr": 0}})
