@@ -219,6 +219,9 @@ class SailConfig:
     resets the DPO reference to the previous model, so its steps add up across iterations."""
     beta: float | None = None
     """DPO beta of the iterations' training (None: train.beta); ranking uses train.beta."""
+    train_reference: Literal["previous", "anchor", "base"] = "previous"
+    """DPO reference of the iterations' training: the model it starts from (the paper), the
+    iteration-0 model, or the base model (a fixed KL anchor: the drift cannot compound)."""
 
     def __post_init__(self):
         require(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -281,6 +284,8 @@ class RunConfig:
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
+        require(self.model.lora.rank == 0 or self.sail.train_reference == "previous", "sail.train_reference",
+                "with LoRA the DPO reference is the policy with its adapters off: only 'previous'")
 
     @property
     def resolved_run_dir(self) -> Path:

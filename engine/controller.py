@@ -184,8 +184,10 @@ class Controller:
         else:
             train_set = TrainSet.read(d / "train_set.parquet")
             cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
+        ref = self.model(i - 1) if i == 0 else self.model({"previous": i - 1, "anchor": 0,
+                                                                "base": -1}[self.cfg.sail.train_reference])
         run_dpo_stage(cfg, self.model(i - 1), train_set, d, seed=self.cfg.seed + 1000 * i, tag=f"iter{i}",
-                      stop_at=self.stop_at)
+                      stop_at=self.stop_at, reference_model=ref)
         if self.stop_at is not None and self.stop_at < cfg.train.steps:
             return None
         return [d / "model"]

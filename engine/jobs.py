@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from engine.config import RunConfig
+from engine.configtree import ConfigError
 from engine.data.cache import PairCache, TrainSet
 from engine.data.encode import encode_pickapic
 from engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
@@ -54,13 +55,18 @@ def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Pat
 
 
 def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
-                  stop_at: int | None = None, tag: str = "dpo") -> StageResult:
-    """DPO with init = reference = ``init_model``; writes ``out_dir/model`` and ``out_dir/metrics.json``."""
+                  stop_at: int | None = None, tag: str = "dpo", reference_model: str | None = None) -> StageResult:
+    """DPO from ``init_model`` against ``reference_model`` (default: the init model); writes
+    ``out_dir/model`` and ``out_dir/metrics.json``."""
     strategy = make_strategy(cfg.train, cfg.distributed)
     comps = load_components(init_model, with_text=False, with_vae=False)
     use_lora = cfg.model.lora.rank > 0
+    reference_model = reference_model or init_model
+    if use_lora and reference_model != init_model:
+        raise ConfigError("sail.train_reference: with LoRA the reference is the policy with its adapters off, "
+                          "so it must be the model training starts from ('previous')")
     # The reference is loaded, never deep-copied; with LoRA it is the policy with adapters off.
-    policy, reference = comps.unet, (None if use_lora else load_unet(init_model))
+    policy, reference = comps.unet, (None if use_lora else load_unet(reference_model))
     backend = set_attention_backend(policy, cfg.model.attention)
     if reference is not None:
         set_attention_backend(reference, cfg.model.attention)
@@ -86,7 +92,8 @@ def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir:
         save_model_folder(out_dir / "model", state, unet_config, comps, source=init_model)
         write_stage_metrics(out_dir / "metrics.json", result, {
             "seconds": time.perf_counter() - t0, "attention_backend": backend,
-            "strategy": describe_strategy(strategy), "init_model": init_model, "pairs": len(train_set)})
+            "strategy": describe_strategy(strategy), "init_model": init_model,
+            "reference_model": reference_model, "pairs": len(train_set)})
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     strategy.barrier()
     strategy.close()

@@ -96,3 +96,12 @@ def test_sail_iterations_train_overrides():
     assert cfg.train.optimizer.lr == 3e-5 and cfg.train.steps == 300        # iteration 0 untouched
     with pytest.raises(ConfigError, match="lr"):
         config_from_dict({"name": "x", "sail": {"lr": 0}})
+
+
+def test_train_reference_other_than_previous_needs_full_weights():
+    from engine.config import config_from_dict
+
+    assert config_from_dict({"name": "x", "sail": {"train_reference": "base"}}).sail.train_reference == "base"
+    with pytest.raises(ConfigError, match="train_reference"):
+        config_from_dict({"name": "x", "model": {"arch": "tiny-sd15", "lora": {"rank": 4}},
+                          "sail": {"train_reference": "anchor"}})

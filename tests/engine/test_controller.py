@@ -158,3 +158,16 @@ def test_two_ranks_generate_disjoint_complete_shards_and_the_same_pairs(tmp_path
     pa = pq.read_table(tmp_path / "one" / "run" / "iter_001" / "pairs.parquet").to_pydict()
     pb = pq.read_table(tmp_path / "two" / "run" / "iter_001" / "pairs.parquet").to_pydict()
     assert (pa["winner"], pa["loser"]) == (pb["winner"], pb["loser"])
+
+
+def test_iterations_can_train_against_a_fixed_reference(tmp_path, toy_model):
+    cfg = config_from_dict(mini_config(tmp_path, toy_model, train_reference="base"))
+    Controller(cfg).run()
+    run = tmp_path / "run"
+    it0 = json.loads((run / "iter_000" / "metrics.json").read_text())
+    it1 = json.loads((run / "iter_001" / "metrics.json").read_text())
+    assert it0["reference_model"] == it0["init_model"] == toy_model         # iteration 0: init = reference
+    assert it1["init_model"] == str(run / "iter_000" / "model") and it1["reference_model"] == toy_model
+    # at the first step the policy (iteration 0's model) already differs from the reference
+    first = it1["history"][0]
+    assert first["model_err_w"] != first["ref_err_w"]
