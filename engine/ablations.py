@@ -158,18 +158,32 @@ def _link_tree(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def run_arms(base: dict, where: str, seeds: list[int], arms: list[str], out: Path, run_fn) -> None:
-    """Run (or resume) every arm for every seed; ``run_fn(cfg)`` runs one config."""
+def parse_variant(spec: str) -> Arm:
+    """``NAME:KEY=VALUE;KEY=VALUE``: a user arm forked from the sail arm's iteration 0 (it must
+    leave everything iteration 0 depends on unchanged; the fork checks)."""
+    name, sep, rest = spec.partition(":")
+    overrides = tuple(o.strip() for o in rest.split(";") if o.strip())
+    if not sep or not name.isidentifier() or name in ARMS or not overrides:
+        raise ConfigError(f"--variant {spec!r}: expected NAME:KEY=VALUE[;KEY=VALUE...] with a new plain NAME "
+                          f"(not one of {', '.join(ARMS)})")
+    return Arm(name, overrides, True)
+
+
+def run_arms(base: dict, where: str, seeds: list[int], arms: list[str], out: Path, run_fn,
+             variants: tuple[Arm, ...] = ()) -> None:
+    """Run (or resume) every arm, then every variant, for every seed; ``run_fn(cfg)`` runs one config."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms: unknown {unknown}; arms: {', '.join(ARMS)}")
+    known = {**ARMS, **{v.name: v for v in variants}}
+    arms = list(arms) + [v.name for v in variants]
     if config_from_dict(base, where).method != "sail":
         raise ConfigError(f"{where}: the results table starts from a method 'sail' config")
     first = arm_config(base, ARMS["sail"], seeds[0], out, where)
     for seed in seeds:
         sail_cfg = arm_config(base, ARMS["sail"], seed, out, where)
         for name in arms:
-            arm = ARMS[name]
+            arm = known[name]
             cfg = arm_config(base, arm, seed, out, where)
             if cfg.resolved_run_dir != first.resolved_run_dir:
                 share_base_eval(first, cfg)
@@ -197,7 +211,11 @@ def collect(out: Path) -> dict:
 
     table: dict = {}
     seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
-    for label, arm, it in ROWS:
+    # user variants (any other arm folder): one row per SAIL iteration found
+    extra = sorted({(p.parent.name, p.name) for s in seeds for p in (out / f"seed{s}").glob("*/iter_*")
+                    if p.parent.name not in ARMS and p.name != "iter_000"})
+    rows = list(ROWS) + [(f"{arm} iteration {int(it[5:])}", arm, it) for arm, it in extra]
+    for label, arm, it in rows:
         cols = {k: [] for k, _ in COLUMNS}
         cols["oracle/se"], cols["n_images"], cols["seeds"] = [], [], []
         for seed in seeds:

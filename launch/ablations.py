@@ -23,12 +23,14 @@ from launch.train import _cpu_defaults  # noqa: E402
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the runs and the table.")
 @click.option("--seeds", default="0,1,2", help="Training seeds, comma-separated.")
 @click.option("--arms", default="sail,dpo_full,no_mixup,random_pairing,online_dpo", help="Arms to run, comma-separated.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+              help='An extra arm forked from iteration 0, e.g. \'fixed_ref:sail.train_reference="base"\'.')
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value of the base config.")
 @click.option("--table-only", is_flag=True, help="Only aggregate the runs already in --out.")
-def main(config_name, out, seeds, arms, overrides, table_only):
+def main(config_name, out, seeds, arms, variants, overrides, table_only):
     """Run SAIL, its baselines and its ablations over several seeds, and tabulate them."""
     _cpu_defaults()
-    from engine.ablations import read_base_config, run_arms, write_table
+    from engine.ablations import parse_variant, read_base_config, run_arms, write_table
     from engine.configtree import ConfigError
     from engine.run import run
 
@@ -41,7 +43,8 @@ def main(config_name, out, seeds, arms, overrides, table_only):
     try:
         if not table_only:
             base, where = read_base_config(config_name, list(overrides))
-            run_arms(base, where, seed_list, [a.strip() for a in arms.split(",") if a.strip()], out, run)
+            extra = tuple(parse_variant(v) for v in variants)
+            run_arms(base, where, seed_list, [a.strip() for a in arms.split(",") if a.strip()], out, run, extra)
         path = write_table(out)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None

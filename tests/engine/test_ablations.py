@@ -87,3 +87,32 @@ def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):  # no
     base["method"] = "dpo"
     with pytest.raises(ConfigError, match="method 'sail'"):
         run_arms(base, "mini.json", [0], ["sail"], tmp_path, run)
+
+
+def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model):  # noqa: F811
+    from engine.ablations import parse_variant
+
+    base = mini_config(tmp_path, toy_model, iterations=1)
+    base["eval"]["seeds_per_prompt"] = 1
+    out = tmp_path / "table"
+    fixed = parse_variant('fixed_ref:sail.train_reference="base";sail.lr=1e-4')
+    assert fixed.overrides == ('sail.train_reference="base"', "sail.lr=1e-4") and fixed.fork
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_arms(base, "mini.json", [5], ["sail"], out, run, (fixed,))
+    finally:
+        torch.set_num_threads(threads)
+    v = out / "seed5" / "fixed_ref"
+    assert json.loads((v / "iter_001" / "metrics.json").read_text())["reference_model"] == toy_model
+    assert os.path.samefile(out / "seed5" / "sail" / "iter_000" / "model" / "unet" / "config.json",
+                            v / "iter_000" / "model" / "unet" / "config.json")
+    table = collect(out)
+    want = json.loads((v / "iter_001" / "eval" / "metrics.json").read_text())["oracle/mean"]
+    assert table["fixed_ref iteration 1"]["oracle/mean"] == [want]
+    # a variant may not change what iteration 0 depends on
+    with pytest.raises(ConfigError, match="train"):
+        run_arms(base, "mini.json", [5], [], out, run, (parse_variant("hot:train.beta=9"),))
+    for bad in ("nocolon", "sail:sail.alpha=1", "x y:sail.alpha=1", "empty:"):
+        with pytest.raises(ConfigError, match="--variant"):
+            parse_variant(bad)
