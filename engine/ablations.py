@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.config import RunConfig, config_from_dict, config_to_dict
 from engine.configtree import ConfigError, apply_overrides
-from engine.io import atomic_write, read_json, write_json
+from engine.io import atomic_write, write_json
 from engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,7 @@ def _link_stages(src: RunConfig, dst: RunConfig, keys: tuple[str, ...], stages: 
                  subdirs: tuple[str, ...]) -> None:
     """Start ``dst``'s run directory with ``src``'s completed ``stages`` (their ``subdirs`` hard-
     linked and their manifest entries copied), if the config ``keys`` they depend on are equal."""
-    a, b = config_to_dict(src), config_to_dict(dst)
-    differ = [k for k in keys if _get(a, k) != _get(b, k)]
+    differ = _differ(src, dst, keys)
     if differ:
         raise ConfigError(f"fork {src.resolved_run_dir} -> {dst.resolved_run_dir}: the forked stages depend on "
                           f"{', '.join(differ)}, which differ")
@@ -120,15 +119,16 @@ def share_iteration1_candidates(src: RunConfig, dst: RunConfig) -> None:
     """Iteration 1 generates from the shared iteration-0 model: the same candidates (same seeds),
     and, when the ranking settings are equal too, the same rewards. Link what ``src`` has."""
     man = Manifest(src.resolved_run_dir)
-    if man.done(1, "generate") and _equal(src, dst, GENERATE_KEYS):
+    if man.done(1, "generate") and not _differ(src, dst, GENERATE_KEYS):
         _link_stages(src, dst, GENERATE_KEYS, [(1, "generate")], ("iter_001/candidates",))
-        if man.done(1, "rank") and _equal(src, dst, RANK_KEYS):
+        if man.done(1, "rank") and not _differ(src, dst, RANK_KEYS):
             _link_stages(src, dst, RANK_KEYS, [(1, "rank")], ("iter_001/rewards.parquet",))
 
 
-def _equal(a: RunConfig, b: RunConfig, keys) -> bool:
+def _differ(a: RunConfig, b: RunConfig, keys) -> list[str]:
+    """The dotted config keys whose values differ between ``a`` and ``b``."""
     da, db = config_to_dict(a), config_to_dict(b)
-    return all(_get(da, k) == _get(db, k) for k in keys)
+    return [k for k in keys if _get(da, k) != _get(db, k)]
 
 
 def share_base_eval(src: RunConfig, dst: RunConfig) -> None:
@@ -209,6 +209,7 @@ def collect(out: Path) -> dict:
     """{row label: {column: [per-seed values]}, plus per-seed evaluation s.e.} from finished runs."""
     from engine.diagnostics import load_rows
 
+    rows_of: dict[Path, list[dict]] = {}     # each run directory is read once, whatever rows use it
     table: dict = {}
     seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
     # user variants (any other arm folder): one row per SAIL iteration found
@@ -222,7 +223,9 @@ def collect(out: Path) -> dict:
             run_dir = out / f"seed{seed}" / arm
             if not run_dir.is_dir():
                 continue
-            row = next((r for r in load_rows(run_dir) if r["iteration"] == it and "oracle/mean" in r), None)
+            if run_dir not in rows_of:
+                rows_of[run_dir] = load_rows(run_dir)
+            row = next((r for r in rows_of[run_dir] if r["iteration"] == it and "oracle/mean" in r), None)
             if row is None:
                 continue
             for k, _ in COLUMNS:
@@ -294,9 +297,6 @@ def _plot(path: Path, summary: dict) -> None:
 
 def read_base_config(name: str, overrides: list[str]) -> tuple[dict, str]:
     """The base config as a plain dict (validated), and where it came from."""
-    from engine.config import find_config
+    from engine.config import find_config, load_config
 
-    path = find_config(name)
-    data = apply_overrides(read_json(path), list(overrides), str(path))
-    config_from_dict(json.loads(json.dumps(data)), str(path))   # validate before any work
-    return data, str(path)
+    return config_to_dict(load_config(name, list(overrides))), str(find_config(name))

@@ -35,3 +35,17 @@ def pickapic_rows(n: int, seed: int = 0, size=(24, 20)) -> dict:
 def write_pickapic(path, columns: dict) -> str:
     pq.write_table(pa.table(columns), path)
     return str(path)
+
+
+def make_tiny_model(folder, seed: int = 0):
+    """Write a tiny random-weight toy model folder (the real architecture, fewer channels)."""
+    import torch
+
+    from engine.toy.model import (ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
+                                  save_toy_model)
+
+    spec = ToyModelSpec(unet_channels=(8, 16, 16), text_hidden=16, text_layers=1)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    return save_toy_model(folder, build_unet(spec), build_text_encoder(spec, len(tokenizer)), tokenizer,
+                          build_scheduler())

@@ -3,33 +3,26 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine.ablations import ARMS, arm_config, collect, fork_iteration0, mean_se, run_arms, write_table
-from engine.config import config_from_dict
 from engine.configtree import ConfigError
 from engine.manifest import Manifest
 from engine.run import run
-from tests.engine.test_controller import mini_config, toy_model  # noqa: F401  (fixture)
+from tests.engine.test_controller import mini_config
 
 
 def _unet(run_dir, it):
     return load_file(str(run_dir / f"iter_{it:03d}" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model):  # noqa: F811
+def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model, one_thread):
     base = mini_config(tmp_path, toy_model, iterations=1)
     base["eval"]["seeds_per_prompt"] = 1
     out = tmp_path / "table"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_arms(base, "mini.json", [3, 4], ["sail", "dpo_full", "no_mixup", "online_dpo"], out, run)
-    finally:
-        torch.set_num_threads(threads)
+    run_arms(base, "mini.json", [3, 4], ["sail", "dpo_full", "no_mixup", "online_dpo"], out, run)
     s3, f3, n3 = (out / "seed3" / a for a in ("sail", "dpo_full", "no_mixup"))
     # the fork shares iteration 0 (same files), then trains its own iteration 1
     a, b = s3 / "iter_000" / "model" / "unet" / "diffusion_pytorch_model.safetensors", \
@@ -69,7 +62,7 @@ def test_mean_se_across_seeds():
     assert math.isnan(mean_se([0.5])[1]) and mean_se([])[2] == 0
 
 
-def test_fork_refuses_a_different_iteration0(tmp_path, toy_model):  # noqa: F811
+def test_fork_refuses_a_different_iteration0(tmp_path, toy_model):
     base = mini_config(tmp_path, toy_model)
     src = arm_config(base, ARMS["sail"], 0, tmp_path, "mini.json")
     with pytest.raises(ConfigError, match="has not completed"):
@@ -80,7 +73,7 @@ def test_fork_refuses_a_different_iteration0(tmp_path, toy_model):  # noqa: F811
         fork_iteration0(src, arm_config(other, ARMS["no_mixup"], 0, tmp_path, "mini.json"))
 
 
-def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):  # noqa: F811
+def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):
     base = mini_config(tmp_path, toy_model)
     with pytest.raises(ConfigError, match="unknown"):
         run_arms(base, "mini.json", [0], ["sail", "ppo"], tmp_path, run)
@@ -89,7 +82,7 @@ def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):  # no
         run_arms(base, "mini.json", [0], ["sail"], tmp_path, run)
 
 
-def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model):  # noqa: F811
+def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model, one_thread):
     from engine.ablations import parse_variant
 
     base = mini_config(tmp_path, toy_model, iterations=1)
@@ -97,12 +90,7 @@ def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model): 
     out = tmp_path / "table"
     fixed = parse_variant('fixed_ref:sail.train_reference="base";sail.lr=1e-4')
     assert fixed.overrides == ('sail.train_reference="base"', "sail.lr=1e-4") and fixed.fork
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_arms(base, "mini.json", [5], ["sail"], out, run, (fixed,))
-    finally:
-        torch.set_num_threads(threads)
+    run_arms(base, "mini.json", [5], ["sail"], out, run, (fixed,))
     v = out / "seed5" / "fixed_ref"
     assert json.loads((v / "iter_001" / "metrics.json").read_text())["reference_model"] == toy_model
     assert os.path.samefile(out / "seed5" / "sail" / "iter_000" / "model" / "unet" / "config.json",

@@ -24,19 +24,6 @@ WORLD = {"num_seed_prompts": 6, "images_per_seed_prompt": 4, "seed_pairs_per_pro
          "num_iterations": 2, "sample_batch_size": 64}
 
 
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory):
-    """A random-weight toy model folder (the loop's mechanics do not need a trained one)."""
-    from engine.toy.model import ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet, \
-        save_toy_model
-
-    torch.manual_seed(0)
-    spec = ToyModelSpec(unet_channels=(8, 16, 16), text_hidden=16, text_layers=1)
-    tok = build_tokenizer()
-    out = tmp_path_factory.mktemp("model") / "toy"
-    return str(save_toy_model(out, build_unet(spec), build_text_encoder(spec, len(tok)), tok, build_scheduler()))
-
-
 def mini_config(root: Path, model: str, iterations: int = 1, **sail) -> dict:
     return {"name": "mini", "method": "sail", "seed": 1, "run_dir": str(root / "run"),
             "model": {"path": model}, "data": {"empty_prompt_prob": 0.1, "random_flip": False},

@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(seed: int = 3):

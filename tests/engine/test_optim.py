@@ -220,8 +220,7 @@ def _local(name: str, lr: float):
 
 
 @pytest.mark.parametrize("name, lr", [pytest.param("adamw8bit", 3e-5, marks=needs_bnb), ("adafactor", 3e-5)])
-def test_local_optimizer_lowers_the_loss_on_a_fixed_batch(name, lr):
-    torch.set_num_threads(1)
+def test_local_optimizer_lowers_the_loss_on_a_fixed_batch(name, lr, one_thread):
     strategy = _local(name, lr)
     assert_decreasing(train_fixed_batch(strategy, 5, beta=500.0))
     facts = state_facts(strategy.optimizer)
@@ -240,9 +239,8 @@ def test_local_optimizer_lowers_the_loss_on_a_fixed_batch(name, lr):
 
 
 @pytest.mark.parametrize("name", [pytest.param("adamw8bit", marks=needs_bnb), "adafactor"])
-def test_local_checkpoint_resumes_the_optimizer_exactly(tmp_path, name):
+def test_local_checkpoint_resumes_the_optimizer_exactly(tmp_path, name, one_thread):
     """4 steps straight == 2 steps, save (safetensors + JSON), fresh strategy, load, 2 steps."""
-    torch.set_num_threads(1)
     straight = _local(name, 3e-5)
     ref_losses = train_fixed_batch(straight, 4, beta=500.0)
     first = _local(name, 3e-5)
