@@ -1,1 +1,1 @@
-"""Benchmarks of the engine's kernels (``python -m bench.kernels``); see bench/README.md."""
+"""Benchmarks of the engine's kernels (``python -m sail.bench.kernels``); see bench/README.md."""

@@ -3,9 +3,9 @@
 scheduler, steps, guidance and batch (``output_type="latent"``: the UNet loop only, no VAE
 decode; prompts pre-encoded for both, so no text encoder runs either).
 
-    python -m bench.generate                              # CPU: tiny-sd15, 8 images, 10 DDIM steps
-    python -m bench.generate --arch sd15 --images 64 --batch 16 --steps 50 --sampler ddpm   # SD1.5 paper setting
-    python -m bench.generate --arch sdxl --images 32 --batch 8 --steps 20 --sampler ddim --cfg 5   # SDXL
+    python -m sail.bench.generate                              # CPU: tiny-sd15, 8 images, 10 DDIM steps
+    python -m sail.bench.generate --arch sd15 --images 64 --batch 16 --steps 50 --sampler ddpm   # SD1.5 paper setting
+    python -m sail.bench.generate --arch sdxl --images 32 --batch 8 --steps 20 --sampler ddim --cfg 5   # SDXL
 
 Both run with classifier-free guidance in one batched UNet call per step. Differences that
 remain by design: our sampler seeds one generator per sample (reproducible per (prompt, seed)
@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from bench.common import environment
+from sail.bench.common import environment
 
 
 def _components(arch: str, dtype: torch.dtype, device: torch.device):
-    from engine.models import build_components
+    from sail.engine.models import build_components
 
     comps = build_components(arch, 0)
     comps.unet.to(device, dtype).eval()
@@ -58,7 +58,7 @@ def _conditioning(comps, n: int, device, dtype):
 
 
 def run_ours(comps, args, device, dtype) -> float:
-    from engine.sampling import sample_latents
+    from sail.engine.sampling import sample_latents
 
     cond, uncond, added, added_u = _conditioning(comps, args.images, device, dtype)
     side = comps.unet.config.sample_size

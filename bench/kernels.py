@@ -1,8 +1,8 @@
 """Benchmark of the fused DPO loss and ranking reward: PyTorch eager vs torch.compile vs Triton.
 
-    python -m bench.kernels                      # GPU: full grid; CPU: --quick grid
-    TRITON_INTERPRET=1 python -m bench.kernels   # CPU, adds the Triton interpreter column
-    python -m bench.kernels --rows 64 256 --lengths 65536 --dtypes bf16 --ops dpo_fwdbwd
+    python -m sail.bench.kernels                      # GPU: full grid; CPU: --quick grid
+    TRITON_INTERPRET=1 python -m sail.bench.kernels   # CPU, adds the Triton interpreter column
+    python -m sail.bench.kernels --rows 64 256 --lengths 65536 --dtypes bf16 --ops dpo_fwdbwd
 
 The baseline is the PyTorch reference of each kernel module (``dpo_loss_reference``,
 ``rank_reward_reference``), eager and through ``torch.compile``.
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import Timer, copy_bandwidth_gbps, environment, median
-from kernels.dpo_loss import dpo_loss_reference, dpo_loss_triton
-from kernels.rank_reward import rank_reward_reference, rank_reward_triton
+from sail.bench.common import Timer, copy_bandwidth_gbps, environment, median
+from sail.kernels.dpo_loss import dpo_loss_reference, dpo_loss_triton
+from sail.kernels.rank_reward import rank_reward_reference, rank_reward_triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("dpo_fwd", "dpo_fwdbwd", "rank", "noise")

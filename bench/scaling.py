@@ -1,7 +1,7 @@
 """Cluster scaling model and per-GPU memory model for Diffusion-DPO training (SD1.5, SDXL).
 
-    python -m bench.scaling                       # both tables, markdown, + JSON last line
-    python -m bench.scaling --step-s 0.42         # use a measured single-GPU step time (s per micro-step)
+    python -m sail.bench.scaling                       # both tables, markdown, + JSON last line
+    python -m sail.bench.scaling --step-s 0.42         # use a measured single-GPU step time (s per micro-step)
 
 FLOPs and activation bytes come from the real UNet graphs traced on PyTorch's meta device
 (shapes only, no memory, no compute): ``FlopCounterMode`` for FLOPs, saved-tensor hooks for the
@@ -49,7 +49,7 @@ class Trace:
 def _meta_unet(arch: str, checkpointing: bool):
     from diffusers import UNet2DConditionModel
 
-    from engine.models import _unet_config
+    from sail.engine.models import _unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_unet_config(arch))

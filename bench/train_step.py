@@ -1,8 +1,8 @@
 """DPO training-step benchmark: pairs/s, MFU and memory over a matrix of options.
 
-    python -m bench.train_step                         # CPU: tiny-sd15 and tiny-sdxl, reduced matrix
-    python -m bench.train_step --arch sd15 sdxl        # GPU: full architectures, random weights
-    python -m bench.train_step --arch sdxl --attention xformers sdpa --checkpointing 1 \
+    python -m sail.bench.train_step                         # CPU: tiny-sd15 and tiny-sdxl, reduced matrix
+    python -m sail.bench.train_step --arch sd15 sdxl        # GPU: full architectures, random weights
+    python -m sail.bench.train_step --arch sdxl --attention xformers sdpa --checkpointing 1 \
         --optimizer adafactor adamw8bit --zero local 3 --pairs 1 2
 
 One step = policy forward on [winners; losers], reference forward (no grad), the fused DPO loss,
@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from bench.common import environment
+from sail.bench.common import environment
 
 # Dense peak FLOP/s (no sparsity) by device-name substring and precision.
 PEAK_TFLOPS = {
@@ -85,7 +85,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
 def synthetic_batch(arch: str, unet_config: dict, pairs: int, seed: int = 0):
     """A pre-encoded batch of the architecture's shapes: latents [P, 4, h, w], text states
     [P, L, D], and for SDXL pooled [P, 1280 or 32] and time ids [P, 6]."""
-    from engine.data.cache import PairBatch
+    from sail.engine.data.cache import PairBatch
 
     g = torch.Generator().manual_seed(seed)
     side = unet_config["sample_size"]
@@ -101,8 +101,8 @@ def synthetic_batch(arch: str, unet_config: dict, pairs: int, seed: int = 0):
 
 
 def _make_strategy(opts: dict):
-    from engine.config import DistributedConfig, OptimizerConfig, TrainConfig
-    from engine.strategy import LocalStrategy, make_strategy
+    from sail.engine.config import DistributedConfig, OptimizerConfig, TrainConfig
+    from sail.engine.strategy import LocalStrategy, make_strategy
 
     train = TrainConfig(beta=5000.0, steps=opts["steps"] + opts["warmup"] + 1, micro_batch_pairs=opts["pairs"],
                         precision=opts["precision"], optimizer=OptimizerConfig(name=opts["optimizer"], lr=1e-6))
@@ -117,7 +117,7 @@ def _make_strategy(opts: dict):
 def _unets(arch: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from engine.models import _unet_config   # the architecture table of build_components
+    from sail.engine.models import _unet_config   # the architecture table of build_components
 
     config = _unet_config(arch)
     torch.manual_seed(0)
@@ -141,8 +141,8 @@ def count_step_flops(opts: dict) -> float:
 
 
 def _prepare(opts: dict):
-    from engine.models import set_attention_backend
-    from engine.trainer import dpo_forward
+    from sail.engine.models import set_attention_backend
+    from sail.engine.trainer import dpo_forward
 
     strategy = _make_strategy(opts)
     policy, reference, sched, config = _unets(opts["arch"])
@@ -322,7 +322,7 @@ def main(argv=None) -> None:
 
 def _subprocess(opts: dict) -> subprocess.CompletedProcess:
     """One option set in a fresh interpreter (clean peak-memory counters)."""
-    return subprocess.run([sys.executable, "-m", "bench.train_step", "--one", json.dumps(opts)],
+    return subprocess.run([sys.executable, "-m", "sail.bench.train_step", "--one", json.dumps(opts)],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 

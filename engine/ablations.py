@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import RunConfig, config_from_dict, config_to_dict
-from engine.configtree import ConfigError, apply_overrides
-from engine.io import atomic_write, write_json
-from engine.manifest import Manifest
+from sail.engine.config import RunConfig, config_from_dict, config_to_dict
+from sail.engine.configtree import ConfigError, apply_overrides
+from sail.engine.io import atomic_write, write_json
+from sail.engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _only_iteration0(cfg: RunConfig) -> RunConfig:
 # ---- aggregation --------------------------------------------------------------------------------
 def collect(out: Path) -> dict:
     """{row label: {column: [per-seed values]}, plus per-seed evaluation s.e.} from finished runs."""
-    from engine.diagnostics import load_rows
+    from sail.engine.diagnostics import load_rows
 
     rows_of: dict[Path, list[dict]] = {}     # each run directory is read once, whatever rows use it
     table: dict = {}
@@ -297,6 +297,6 @@ def _plot(path: Path, summary: dict) -> None:
 
 def read_base_config(name: str, overrides: list[str]) -> tuple[dict, str]:
     """The base config as a plain dict (validated), and where it came from."""
-    from engine.config import find_config, load_config
+    from sail.engine.config import find_config, load_config
 
     return config_to_dict(load_config(name, list(overrides))), str(find_config(name))

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from engine.configtree import ConfigError, apply_overrides, build_dataclass, read_json, require, to_dict
-from engine.toy.world import ToyWorldConfig
+from sail.engine.configtree import ConfigError, apply_overrides, build_dataclass, read_json, require, to_dict
+from sail.engine.toy.world import ToyWorldConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/, or sail/configs installed
 
 ARCHS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
 TOY_MODEL_TOKEN = "@toy"
@@ -44,15 +43,14 @@ class ModelConfig:
     """Which model to train and how to run it."""
 
     path: str | None = None
-    """Local diffusers-format folder (model_index.json, unet/, text_encoder/, ...). Never a hub id."""
+    """Local diffusers-format folder (model_index.json, unet/, text_encoder/, ...). Never a hub id.
+    Its scheduler config says whether the model predicts epsilon or v (both are trained)."""
     arch: Literal["tiny-sd15", "tiny-sdxl", "sd15", "sdxl"] | None = None
     """Build this architecture with random weights instead of loading ``path`` (tests, benchmarks)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention backend; xformers falls back to SDPA with one warning where it cannot run."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass (SDXL needs it)."""
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """Override the scheduler's prediction type (None: as the scheduler config says)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Adapters; rank 0 trains the whole UNet."""
 
@@ -85,6 +83,12 @@ class DataConfig:
     """Fraction of training pairs whose prompt is replaced by the empty prompt (reference: 20%)."""
     max_pairs: int | None = None
     """Use at most this many pairs (after ties and bad rows are dropped)."""
+    max_bad_fraction: float = 0.01
+    """Malformed rows (unreadable caption or label) and pairs with undecodable images are
+    skipped, counted and named in the load report; more than this fraction of the rows is an
+    error."""
+    strict: bool = False
+    """Refuse the data set at its first malformed row or undecodable image."""
     encode_batch_size: int = 16
     """Images per VAE / text-encoder batch in the pre-encoding pass."""
     decoder: Literal["pil", "dali"] = "pil"
@@ -96,6 +100,7 @@ class DataConfig:
         require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
         require(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be > 0")
         require(self.encode_batch_size > 0, "encode_batch_size", "must be > 0")
+        require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -133,7 +138,7 @@ class TrainConfig:
     """One Diffusion-DPO training stage."""
 
     beta: float = 5000.0
-    """DPO temperature, calibrated to the per-sample mean error (METHOD.md section 1)."""
+    """DPO temperature, calibrated to the per-sample mean error (docs/method.md, Diffusion-DPO)."""
     steps: int = 2000
     """Optimizer steps."""
     micro_batch_pairs: int = 1
@@ -186,7 +191,7 @@ class DistributedConfig:
 
 @dataclass
 class SailConfig:
-    """The self-amplified loop (METHOD.md section 2); also OnlineDPO (ranking by a scorer)."""
+    """The self-amplified loop (docs/method.md, SAIL); also OnlineDPO (ranking by a scorer)."""
 
     iterations: int = 2
     """SAIL iterations after iteration 0 (DPO on the seed pairs)."""
@@ -270,8 +275,8 @@ class RunConfig:
 
     name: str = "run"
     """Run name; the run directory defaults to runs/<name>."""
-    method: Literal["dpo", "sail", "online_dpo", "sspo"] = "dpo"
-    """dpo: one Diffusion-DPO stage; sail / online_dpo: the iterative loop; sspo: later."""
+    method: Literal["dpo", "sail", "online_dpo"] = "dpo"
+    """dpo: one Diffusion-DPO stage; sail / online_dpo: the iterative loop."""
     seed: int = 0
     run_dir: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="tiny-sd15"))
@@ -325,5 +330,5 @@ def replace(cfg, **changes):
 __all__ = [
     "ConfigError", "LoRAConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
     "TrainConfig", "DistributedConfig", "SailConfig", "ToyConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
-    "config_to_dict", "find_config", "REPO_ROOT",
+    "config_to_dict", "find_config", "CONFIG_DIR",
 ]

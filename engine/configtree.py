@@ -15,8 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from sail.engine.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config file, key or value is wrong; the message names the file and the key."""
 
 

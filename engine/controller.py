@@ -15,15 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import sail
-from engine.config import RunConfig, config_to_dict
-from engine.configtree import ConfigError
-from engine.data.cache import PairCache, TrainSet
-from engine.diagnostics import candidate_diagnostics, evaluate_iteration, write_report
-from engine.io import write_json
-from engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage, seed_cache_dir
-from engine.manifest import Manifest
-from engine.strategy import Strategy, make_strategy
+from sail.engine import sail
+from sail.engine.config import RunConfig, config_to_dict
+from sail.engine.configtree import ConfigError
+from sail.engine.data.cache import PairCache, TrainSet
+from sail.engine.diagnostics import candidate_diagnostics, evaluate_iteration, write_report
+from sail.engine.io import write_json
+from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage, seed_cache_dir
+from sail.engine.manifest import Manifest
+from sail.engine.strategy import Strategy, make_strategy
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "rank", "pair", "mix", "train", "evaluate")
@@ -44,11 +44,9 @@ class Plan:
 
 def make_plan(cfg: RunConfig, strategy: Strategy) -> tuple[RunConfig, Plan]:
     """Resolve data and prompt pools (building the toy data once); check the pools are disjoint."""
-    from engine.toy.data import check_disjoint
-
     base = base_model_dir(cfg, strategy)
     if cfg.toy.enabled:
-        from engine.toy.data import ensure_toy_data, read_splits
+        from sail.engine.toy.data import ensure_toy_data, read_splits
 
         if strategy.is_main:
             ensure_toy_data(cfg.toy.data_dir, cfg.toy.world, base, progress=True)
@@ -58,20 +56,36 @@ def make_plan(cfg: RunConfig, strategy: Strategy) -> tuple[RunConfig, Plan]:
         data_file = paths.seed if cfg.toy.preference_set == "seed" else paths.full
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=[str(data_file)]))
         pools, eval_prompts = splits.pools[:cfg.sail.iterations], splits.eval
+        _check_disjoint(pools, eval_prompts, "toy.data_dir splits")
     else:
-        pools = [sail.read_prompt_file(f) for f in cfg.sail.prompt_files[:cfg.sail.iterations]]
-        eval_prompts = [p for f in cfg.eval.prompt_files for p in sail.read_prompt_file(f)]
-    if cfg.method in ("sail", "online_dpo") and len(pools) < cfg.sail.iterations:
+        pools, eval_prompts = read_prompt_pools(cfg)
+    return cfg, Plan(base, pools, eval_prompts)
+
+
+def read_prompt_pools(cfg: RunConfig) -> tuple[list[list[str]], list[str]]:
+    """A real-model run's prompt pools (one file per SAIL iteration) and evaluation prompts,
+    checked: enough pools, every file readable and non-empty, no prompt in two sets."""
+    iterative = cfg.method in ("sail", "online_dpo")
+    if iterative and len(cfg.sail.prompt_files) < cfg.sail.iterations:
         raise ConfigError(f"sail.prompt_files: {cfg.sail.iterations} iterations need {cfg.sail.iterations} "
-                          f"prompt pools, got {len(pools)}")
+                          f"prompt files, got {len(cfg.sail.prompt_files)}")
+    files = cfg.sail.prompt_files[:cfg.sail.iterations] if iterative else []
+    pools = [sail.read_prompt_file(f, "sail.prompt_files") for f in files]
+    eval_prompts = [p for f in cfg.eval.prompt_files for p in sail.read_prompt_file(f, "eval.prompt_files")]
+    _check_disjoint(pools, eval_prompts, "sail.prompt_files / eval.prompt_files")
+    return pools, eval_prompts
+
+
+def _check_disjoint(pools: list[list[str]], eval_prompts: list[str], where: str) -> None:
+    from sail.engine.toy.data import check_disjoint
+
     named = {f"pool_{i + 1}": p for i, p in enumerate(pools)}
     if eval_prompts:
         named["eval"] = eval_prompts
     try:
         check_disjoint(named)
     except ValueError as err:
-        raise ConfigError(f"sail.prompt_files / eval.prompt_files: {err}") from None
-    return cfg, Plan(base, pools, eval_prompts)
+        raise ConfigError(f"{where}: {err}") from None
 
 
 class Controller:
@@ -82,6 +96,11 @@ class Controller:
         self.strategy = make_strategy(cfg.train, cfg.distributed)   # rank, world, barrier
         self.cfg, self.plan = make_plan(cfg, self.strategy)
         self.run_dir = cfg.resolved_run_dir
+        # Real models have no scorer wired in yet: their evaluate stages are not run, and not
+        # recorded as done, so a resumed run evaluates once scorers exist.
+        self.evaluates = cfg.eval.enabled and cfg.toy.enabled
+        if cfg.eval.enabled and not self.evaluates:
+            log.warning("evaluation: no scorer is wired in for real models yet; evaluate stages are not run")
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
@@ -96,7 +115,7 @@ class Controller:
         if stage is not None:
             self._stage(iteration if iteration is not None else 0, stage, force=True)
             return self.it_dir(iteration or 0)
-        if self.cfg.eval.enabled and self.cfg.eval.evaluate_base:
+        if self.evaluates and self.cfg.eval.evaluate_base:
             self._stage(-1, "evaluate")
         for name in ("encode", "train", "evaluate"):
             self._stage(0, name)
@@ -110,7 +129,10 @@ class Controller:
         return self.run_dir / "report.md"
 
     def _stage(self, i: int, name: str, force: bool = False) -> None:
-        if name == "evaluate" and not self.cfg.eval.enabled:
+        if name == "evaluate" and not self.evaluates:
+            if force:
+                raise ConfigError("--stage evaluate: this run evaluates nothing (eval.enabled is false, or a "
+                                  "real model: no scorer is wired in yet)")
             return
         # Rank 0 decides and tells the others: a rank that read the manifest after rank 0 had
         # finished and recorded a fast stage would skip it, and its barriers, and desync.
@@ -142,7 +164,7 @@ class Controller:
     def _rank(self, i: int) -> list:
         cands, out = sail.Candidates(self.it_dir(i) / "candidates"), self.it_dir(i) / "rewards.parquet"
         if self.cfg.method == "online_dpo":
-            from engine.toy.scorers import get_scorer
+            from sail.engine.toy.scorers import get_scorer
 
             if self.strategy.is_main:
                 sail.score_candidates_external(cands, get_scorer(self.cfg.sail.external_scorer), out)
@@ -156,7 +178,7 @@ class Controller:
         if self.strategy.is_main:
             import pyarrow.parquet as pq
 
-            from engine.io import write_parquet
+            from sail.engine.io import write_parquet
 
             cands = sail.Candidates(d / "candidates")
             pairs = sail.choose_pairs(pq.read_table(d / "rewards.parquet").to_pydict(), self.cfg.sail.pairing,

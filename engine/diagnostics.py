@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.io import atomic_write, read_json, write_json
+from sail.engine.io import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 def candidate_diagnostics(cands, pairs: dict, out: Path, oracle_spec: str) -> dict:
     """Oracle scores of the chosen pairs and of all candidates (pixel space); writes ``out``.
     Returns extra pair columns (oracle_w, oracle_l)."""
-    from engine.sampling import latents_to_uint8
-    from engine.toy.metrics import within_prompt_diversity
-    from engine.toy.oracle import load_scorer
+    from sail.engine.sampling import latents_to_uint8
+    from sail.engine.toy.metrics import within_prompt_diversity
+    from sail.engine.toy.oracle import load_scorer
 
     oracle = load_scorer(oracle_spec)
     images, prompts = [], []
@@ -48,13 +48,11 @@ def candidate_diagnostics(cands, pairs: dict, out: Path, oracle_spec: str) -> di
     return {"oracle_w": ow.tolist(), "oracle_l": ol.tolist()}
 
 
-def evaluate_iteration(cfg, model_dir: str, prompts: list[str], out: Path) -> dict | None:
+def evaluate_iteration(cfg, model_dir: str, prompts: list[str], out: Path) -> dict:
     """Held-out evaluation: the toy world's pixel metrics and oracle. Real models need the
-    learned scorers (PickScore, HPSv2, ...) from local weights: not wired in yet, so skipped."""
-    if not cfg.toy.enabled:
-        log.warning("evaluation skipped: no scorer is configured for real models yet")
-        return None
-    from engine.toy.evaluate import EvalSettings, evaluate_model
+    learned scorers (PickScore, HPSv2, ...) from local weights: not wired in yet, and the
+    controller does not schedule their evaluate stages."""
+    from sail.engine.toy.evaluate import EvalSettings, evaluate_model
 
     settings = EvalSettings.from_world(cfg.toy.world)
     if cfg.eval.seeds_per_prompt:

@@ -10,15 +10,15 @@ import shutil
 import time
 from pathlib import Path
 
-from engine.config import RunConfig
-from engine.configtree import ConfigError
-from engine.data.cache import PairCache, TrainSet
-from engine.data.encode import encode_pickapic
-from engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
+from sail.engine.config import RunConfig
+from sail.engine.configtree import ConfigError
+from sail.engine.data.cache import PairCache, TrainSet
+from sail.engine.data.encode import encode_pickapic
+from sail.engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                            set_attention_backend)
-from engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
-from engine.strategy import DeepSpeedStrategy, Strategy, describe_strategy, make_strategy
-from engine.trainer import StageResult, train_dpo, write_stage_metrics
+from sail.engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
+from sail.engine.strategy import DeepSpeedStrategy, Strategy, describe_strategy, make_strategy
+from sail.engine.trainer import StageResult, train_dpo, write_stage_metrics
 
 log = logging.getLogger(__name__)
 

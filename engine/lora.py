@@ -24,9 +24,9 @@ from pathlib import Path
 
 from torch import nn
 
-from engine.config import LoRAConfig
-from engine.configtree import ConfigError
-from engine.io import write_json
+from sail.engine.config import LoRAConfig
+from sail.engine.configtree import ConfigError
+from sail.engine.io import write_json
 
 LORA_DIR = "lora"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -5,7 +5,7 @@ Preference Optimization", CVPR 2024, eq. 14), with the per-sample error taken as
 over C, H, W as in the official code and the diffusers examples (beta = 5000 is calibrated to
 that mean). Its arithmetic lives in ``kernels.dpo_loss``: a fused Triton kernel on CUDA, the
 PyTorch reference elsewhere; both compute the per-row error difference in the stable form
-``mean((p_theta - p_ref) * (p_theta + p_ref - 2 * target))`` (METHOD.md section 1).
+``mean((p_theta - p_ref) * (p_theta + p_ref - 2 * target))`` (docs/method.md, Diffusion-DPO).
 
 ``implicit_reward`` is SAIL's self-ranking reward (He et al., ICLR 2026):
 ``r(x) = -beta/2 * mean_k (e_cur - e_ref)`` over K (t, noise) draws shared by a prompt's
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dpo_loss import DPOLossOutput
-from kernels.dpo_loss import dpo_loss as _fused_dpo_loss
-from kernels.rank_reward import RankRewardOutput
-from kernels.rank_reward import rank_reward as _fused_rank_reward
+from sail.kernels.dpo_loss import DPOLossOutput
+from sail.kernels.dpo_loss import dpo_loss as _fused_dpo_loss
+from sail.kernels.rank_reward import RankRewardOutput
+from sail.kernels.rank_reward import rank_reward as _fused_rank_reward
 
 
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DPOLossOutput:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from engine.io import read_json, write_json
+from sail.engine.io import read_json, write_json
 
 
 class Manifest:

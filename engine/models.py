@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.configtree import ConfigError
+from sail.engine.configtree import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ class Components:
     tokenizers: list
     vae: nn.Module | None
     kind: Kind
-    attention_backend: str = "default"
 
     @property
     def latent_scale(self) -> float:
@@ -202,15 +200,6 @@ def build_components(arch: str, seed: int = 0, *, with_vae: bool = True) -> Comp
         if module is not None:
             module.requires_grad_(False).eval()
     return Components(unet, sched, encoders, tokenizers, vae, kind)
-
-
-def components_from_config(cfg: ModelConfig, seed: int = 0, *, dtype: torch.dtype = torch.float32) -> Components:
-    """Load ``cfg.path`` or build ``cfg.arch``; apply prediction-type override and attention backend."""
-    comps = load_components(cfg.path, dtype=dtype) if cfg.path else build_components(cfg.arch, seed)
-    if cfg.prediction_type:
-        comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    comps.attention_backend = set_attention_backend(comps.unet, cfg.attention)
-    return comps
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from engine.config import DistributedConfig, OptimizerConfig, SchedulerConfig, TrainConfig
-from engine.configtree import ConfigError
+from sail.engine.config import DistributedConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from sail.engine.configtree import ConfigError
 
 
 def lr_factor(step: int, cfg: SchedulerConfig, total_steps: int) -> float:

@@ -1,25 +1,37 @@
 """Dispatch of a validated config to its method."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from engine.config import RunConfig
-from engine.configtree import ConfigError
-from engine.models import check_model_folder
+from sail.engine.config import RunConfig
+from sail.engine.configtree import ConfigError
+from sail.engine.models import check_model_folder
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need no model or data loaded: fail within seconds, before any work."""
+    """Checks of the user's input that need no model or data loaded: a bad path, a glob that
+    matches nothing or an unreadable prompt file fails within seconds, before any work is spent
+    and before the run directory is written."""
+    from sail.engine.controller import read_prompt_pools
+    from sail.engine.data.pickapic import expand_paths
+    from sail.engine.optim import deepspeed_config
+
     if cfg.model.path:
         check_model_folder(cfg.model.resolved_path())
-    if not cfg.data.train and not cfg.toy.enabled:
+    # The DeepSpeed config's checks (batch arithmetic against the launcher's world size, an
+    # optimizer that cannot be offloaded) are functions of the config alone.
+    deepspeed_config(cfg.train, cfg.distributed, int(os.environ.get("WORLD_SIZE", "1")), "fp32", on_cpu=True)
+    if cfg.toy.enabled:       # the toy world builds its own data and prompt splits
+        return
+    if not cfg.data.train:
         raise ConfigError("data.train: no preference data (give Pick-a-Pic parquet files, or enable toy)")
+    expand_paths(cfg.data.train)
+    read_prompt_pools(cfg)
 
 
 def run(cfg: RunConfig, stage: str | None = None, iteration: int | None = None) -> Path:
     preflight(cfg)
-    if cfg.method == "sspo":
-        raise ConfigError("method: 'sspo' is not available yet (it will reuse these stages)")
-    from engine.controller import run_controller
+    from sail.engine.controller import run_controller
 
     return run_controller(cfg, stage=stage, iteration=iteration)

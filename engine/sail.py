@@ -1,4 +1,4 @@
-"""The stages of one SAIL iteration (METHOD.md section 2): generate, rank, pair, mix.
+"""The stages of one SAIL iteration (docs/method.md, SAIL): generate, rank, pair, mix.
 
 Each stage reads the previous stage's files and writes its own, atomically:
 
@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from engine.config import SailConfig
-from engine.data.cache import PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard, write_train_set
-from engine.io import read_json, write_json, write_parquet, write_safetensors
-from engine.losses import implicit_reward
-from engine.models import encode_prompts, load_components, load_unet, sdxl_time_ids
+from sail.engine.config import SailConfig
+from sail.engine.data.cache import PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard, write_train_set
+from sail.engine.data.pickapic import DataError
+from sail.engine.io import read_json, write_json, write_parquet, write_safetensors
+from sail.engine.losses import implicit_reward
+from sail.engine.models import encode_prompts, load_components, load_unet, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,23 @@ class Candidates:
         return data["latents"][offs], data["hidden"][local:local + 1].float(), pooled
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """Prompts from a text file (one a line) or a parquet file with a caption/prompt column."""
-    if path.endswith(".parquet"):
-        table = pq.read_table(path)
-        col = "caption" if "caption" in table.column_names else "prompt"
-        if col not in table.column_names:
-            raise ValueError(f"{path}: needs a 'caption' or 'prompt' column (found {table.column_names})")
-        return [str(x).strip() for x in table.column(col).to_pylist() if str(x).strip()]
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+def read_prompt_file(path: str, key: str = "prompt file") -> list[str]:
+    """Prompts from a text file (UTF-8, one a line) or a parquet file with a caption/prompt
+    column. A missing, unreadable or empty file is a ``DataError`` naming ``key`` and the file."""
+    try:
+        if str(path).endswith(".parquet"):
+            table = pq.read_table(path)
+            col = "caption" if "caption" in table.column_names else "prompt"
+            if col not in table.column_names:
+                raise DataError(f"{key}: {path}: needs a 'caption' or 'prompt' column (found {table.column_names})")
+            prompts = [str(x).strip() for x in table.column(col).to_pylist() if x is not None and str(x).strip()]
+        else:
+            prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:
+        raise DataError(f"{key}: {path}: cannot read prompts ({type(err).__name__}: {err})") from None
+    if not prompts:
+        raise DataError(f"{key}: {path}: no prompts in the file")
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ def _scheduler(comps, name: str):
 def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
                         iteration: int, rank: int, world: int, device, barrier) -> Path:
     """N candidates per prompt from ``model_dir``; each rank writes its own shard."""
-    from engine.sampling import sample_latents
+    from sail.engine.sampling import sample_latents
 
     out.mkdir(parents=True, exist_ok=True)
     shard_file = out / f"cand_r{rank:03d}.safetensors"
@@ -255,7 +264,7 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
 
 def score_candidates_external(cands: Candidates, scorer, out: Path) -> Path:
     """OnlineDPO: rewards from an external scorer on the decoded candidates (pixel space here)."""
-    from engine.sampling import latents_to_uint8
+    from sail.engine.sampling import latents_to_uint8
 
     rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
     for p in range(len(cands.prompts)):

@@ -1,4 +1,4 @@
-"""One Diffusion-DPO training stage (METHOD.md section 1) over a pre-encoded TrainSet.
+"""One Diffusion-DPO training stage (docs/method.md, Diffusion-DPO) over a pre-encoded TrainSet.
 
 Determinism: the pair order (a permutation per epoch), each pair's timestep and noise, and
 the empty-prompt dropout are functions of (seed, step, position in the global batch) alone,
@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.config import TrainConfig
-from engine.data.cache import PairBatch, TrainSet
-from engine.io import write_json
-from engine.losses import dpo_loss
-from engine.lora import reference_forward
-from engine.sail import maybe_die
-from engine.strategy import Strategy
+from sail.engine.config import TrainConfig
+from sail.engine.data.cache import PairBatch, TrainSet
+from sail.engine.io import write_json
+from sail.engine.losses import dpo_loss
+from sail.engine.lora import reference_forward
+from sail.engine.sail import maybe_die
+from sail.engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_rows import (FINALIZE_TILE, RowPlan, chunk_tile, row_totals,
+from sail.kernels._triton_rows import (FINALIZE_TILE, RowPlan, chunk_tile, row_totals,
                                   stable_diff_partials, target_row)
 
 

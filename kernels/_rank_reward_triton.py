@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_rows import FINALIZE_TILE, RowPlan, chunk_tile, stable_diff_partials
+from sail.kernels._triton_rows import FINALIZE_TILE, RowPlan, chunk_tile, stable_diff_partials
 
 
 @triton.jit

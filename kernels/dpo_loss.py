@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
-    from kernels import _dpo_loss_triton as _triton_impl
-    from kernels._triton_rows import plan_rows as _plan_rows
+    from sail.kernels import _dpo_loss_triton as _triton_impl
+    from sail.kernels._triton_rows import plan_rows as _plan_rows
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     _triton_impl = None
 

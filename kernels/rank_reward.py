@@ -1,4 +1,4 @@
-"""Implicit DPO reward of generated candidates, for SAIL's self-ranking (METHOD.md section 2).
+"""Implicit DPO reward of generated candidates, for SAIL's self-ranking (docs/method.md, SAIL).
 
 For P prompts x N candidates x K (t, noise) draws:
 
@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 
 try:  # Triton is optional: without it every call takes the PyTorch reference.
-    from kernels import _rank_reward_triton as _triton_impl
-    from kernels._triton_rows import plan_rows as _plan_rows
+    from sail.kernels import _rank_reward_triton as _triton_impl
+    from sail.kernels._triton_rows import plan_rows as _plan_rows
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     _triton_impl = None
 

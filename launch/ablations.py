@@ -15,8 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-from launch.train import _cpu_defaults  # noqa: E402
-
 
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_name", default="toy_cpu.json", help="A method 'sail' config (path or name in configs/).")
@@ -29,10 +27,11 @@ from launch.train import _cpu_defaults  # noqa: E402
 @click.option("--table-only", is_flag=True, help="Only aggregate the runs already in --out.")
 def main(config_name, out, seeds, arms, variants, overrides, table_only):
     """Run SAIL, its baselines and its ablations over several seeds, and tabulate them."""
-    _cpu_defaults()
-    from engine.ablations import parse_variant, read_base_config, run_arms, write_table
-    from engine.configtree import ConfigError
-    from engine.run import run
+    from sail.launch.entry import process_defaults, user_input_errors
+
+    process_defaults()
+    from sail.engine.ablations import parse_variant, read_base_config, run_arms, write_table
+    from sail.engine.run import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(out)
@@ -40,14 +39,12 @@ def main(config_name, out, seeds, arms, variants, overrides, table_only):
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"not a comma-separated list of integers: {seeds!r}", param_hint="--seeds") from None
-    try:
+    with user_input_errors():
         if not table_only:
             base, where = read_base_config(config_name, list(overrides))
             extra = tuple(parse_variant(v) for v in variants)
             run_arms(base, where, seed_list, [a.strip() for a in arms.split(",") if a.strip()], out, run, extra)
         path = write_table(out)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(path.read_text())
 
 

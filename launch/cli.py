@@ -12,11 +12,11 @@ import click
 # subcommand -> module holding a click command named `main`; imported lazily so that
 # `sail --help` stays fast and a missing optional dependency breaks only its own command.
 COMMANDS = {
-    "train": "launch.train",
-    "evaluate": "launch.evaluate",
-    "toy-data": "launch.toy_data",
-    "pretrain-toy": "launch.pretrain_toy",
-    "ablations": "launch.ablations",
+    "train": "sail.launch.train",
+    "evaluate": "sail.launch.evaluate",
+    "toy-data": "sail.launch.toy_data",
+    "pretrain-toy": "sail.launch.pretrain_toy",
+    "ablations": "sail.launch.ablations",
 }
 
 

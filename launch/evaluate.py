@@ -37,25 +37,25 @@ def main(model_dir, out, data_dir, config_path, overrides, seeds_per_prompt, max
     """Sample the model on the held-out prompts with fixed seeds and write its metrics."""
     import dataclasses
 
+    from sail.launch.entry import process_defaults, user_input_errors
+
+    process_defaults()
     import torch
 
-    from engine.configtree import ConfigError
-    from engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model
-    from engine.toy.scorers import get_scorer
-    from engine.toy.world import load_world_config
+    from sail.engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model
+    from sail.engine.toy.scorers import get_scorer
+    from sail.engine.toy.world import load_world_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with user_input_errors(ValueError):   # ValueError: a scorer spec that does not load
         cfg = load_world_config(config_path, overrides)
         settings = EvalSettings.from_world(cfg)
         changes = {k: v for k, v in (("seeds_per_prompt", seeds_per_prompt), ("num_steps", steps),
                                       ("guidance_scale", guidance)) if v is not None}
         settings = dataclasses.replace(settings, **changes)
         scorers = {name.split(":")[-1]: get_scorer(name) for name in scorer_names}
-    except (ConfigError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
     prompts = eval_prompts(cfg, data_dir)[:max_prompts]
     metrics = evaluate_model(model_dir, out, prompts, settings, scorers, progress=progress)
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "settings"}))

@@ -39,23 +39,24 @@ import click  # noqa: E402
 def main(out, steps, batch_size, lr, warmup_steps, ema_decay, empty_prompt_prob, max_loss_weight, seed, save_every, log_every,
          unet_channels, text_hidden, init_from, freeze_text_encoder, threads, quiet):
     """Pretrain the toy base model on rendered images and write a diffusers-format folder."""
+    from sail.launch.entry import process_defaults, user_input_errors
+
+    process_defaults()
     import torch
 
-    from engine.toy.model import ToyModelSpec
-    from engine.toy.pretrain import PretrainConfig, pretrain
+    from sail.engine.toy.model import ToyModelSpec
+    from sail.engine.toy.pretrain import PretrainConfig, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with user_input_errors(ValueError):   # the dataclasses validate their fields with ValueError
         spec = ToyModelSpec(unet_channels=tuple(int(c) for c in unet_channels.split(",")), text_hidden=text_hidden)
         cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup_steps, steps),
                              ema_decay=ema_decay, empty_prompt_prob=empty_prompt_prob, seed=seed,
                              max_loss_weight=max_loss_weight,
                              save_every=save_every, log_every=min(log_every, steps),
                              train_text_encoder=not freeze_text_encoder, spec=spec, init_from=init_from)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
     record = pretrain(cfg, out, progress=not quiet)
     last = record["losses"][-1] if record["losses"] else {}
     click.echo(json.dumps({"out": str(out), "steps": record.get("steps_done"), "duration_s": record.get("duration_s"),

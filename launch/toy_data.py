@@ -28,19 +28,19 @@ DEFAULT_BASE = Path(__file__).resolve().parents[1] / "engine" / "toy" / "base_mo
 @click.option("--progress/--no-progress", default=True, help="Progress bar while sampling.")
 def main(out, base_model, config_path, overrides, threads, progress):
     """Build the toy data folder if absent, incomplete or stale, and print its summary."""
+    from sail.launch.entry import process_defaults, user_input_errors
+
+    process_defaults()
     import torch
 
-    from engine.configtree import ConfigError
-    from engine.toy.data import describe, ensure_toy_data
-    from engine.toy.world import load_world_config
+    from sail.engine.toy.data import describe, ensure_toy_data
+    from sail.engine.toy.world import load_world_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with user_input_errors():
         cfg = load_world_config(config_path, overrides)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
     paths = ensure_toy_data(out, cfg, base_model, progress=progress)
     click.echo(describe(paths))
 

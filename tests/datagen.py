@@ -1,7 +1,11 @@
-"""Small Pick-a-Pic v2 shards made in code for tests (random images, chosen labels)."""
+"""Small Pick-a-Pic v2 shards made in code for tests (random images, chosen labels), tiny
+models, and clean copies of the checkout."""
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +45,7 @@ def make_tiny_model(folder, seed: int = 0):
     """Write a tiny random-weight toy model folder (the real architecture, fewer channels)."""
     import torch
 
-    from engine.toy.model import (ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
+    from sail.engine.toy.model import (ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
                                   save_toy_model)
 
     spec = ToyModelSpec(unet_channels=(8, 16, 16), text_hidden=16, text_layers=1)
@@ -49,3 +53,15 @@ def make_tiny_model(folder, seed: int = 0):
     tokenizer = build_tokenizer()
     return save_toy_model(folder, build_unet(spec), build_text_encoder(spec, len(tokenizer)), tokenizer,
                           build_scheduler())
+
+
+def clean_copy(repo: Path, dest: Path) -> Path:
+    """The checkout as a new clone would have it: tracked and new (not ignored) files only,
+    no runs/, no build outputs."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (repo / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, dest / name)
+    return dest

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine.io import read_json, write_json, write_parquet, write_safetensors
+from sail.engine.io import read_json, write_json, write_parquet, write_safetensors
 
 PAIR_KEYS = ("latents_w", "latents_l", "hidden", "pooled", "time_ids_w", "time_ids_l")
 

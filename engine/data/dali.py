@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.data.images import ImageDecodeError
+from sail.engine.data.images import ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ def prepare_shard_dali(refs: list, cfg, resolution: int, rng: np.random.Generato
     on pixel data (a corrupt body behind a valid header), the shard is redone on the PIL path
     from the same random state, which skips and counts exactly the bad pairs.
     """
-    from engine.data.images import prepare_pair
-    from engine.data.pickapic import _FileCache, iter_pair_images
+    from sail.engine.data.images import prepare_pair
+    from sail.engine.data.pickapic import _FileCache, iter_pair_images
 
     start_state = copy.deepcopy(rng.bit_generator.state)
     cache, raw, kept_refs = _FileCache(), [], []

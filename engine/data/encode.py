@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.config import DataConfig
-from engine.data.cache import PairBatch, finalize_cache, is_complete, shard_done, write_empty_prompt, write_shard
-from engine.data.images import prepare_pair
-from engine.data.pickapic import LoadReport, PairRef, iter_pair_images, scan_pickapic
-from engine.io import read_json
-from engine.models import Components, encode_prompts, sdxl_time_ids
+from sail.engine.config import DataConfig
+from sail.engine.data.cache import PairBatch, finalize_cache, is_complete, shard_done, write_empty_prompt, write_shard
+from sail.engine.data.images import prepare_pair
+from sail.engine.data.pickapic import DataError, LoadReport, PairRef, iter_pair_images, scan_pickapic
+from sail.engine.io import read_json
+from sail.engine.models import Components, encode_prompts, sdxl_time_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resol
     gen = torch.Generator().manual_seed(seed * 100003 + shard)
     pixels, origs, crops, captions, sources = [], [], [], [], []
     if cfg.decoder == "dali":
-        from engine.data.dali import prepare_shard_dali
+        from sail.engine.data.dali import prepare_shard_dali
 
         items = prepare_shard_dali(refs, cfg, resolution, rng, report)
     else:
@@ -89,7 +89,7 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
     cache_dir = Path(cache_dir)
     if is_complete(cache_dir):
         return cache_dir
-    refs, report = scan_pickapic(cfg.train, cfg.max_pairs)
+    refs, report = scan_pickapic(cfg.train, cfg.max_pairs, max_bad_fraction=cfg.max_bad_fraction, strict=cfg.strict)
     log.info("preference data: %s", report.summary())
     resolution = cfg.resolution or default_resolution(comps)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -98,22 +98,27 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
     for shard in tqdm(mine, desc="pre-encode", disable=not progress or rank != 0):
         part = refs[shard * shard_size:(shard + 1) * shard_size]
         batch, captions, sources, shard_report = _encode_shard(comps, part, cfg, resolution, seed, shard)
+        if cfg.strict and shard_report.undecodable:
+            raise DataError(f"data.train: undecodable image in pair {shard_report.undecodable_ids[0]} (data.strict)")
         if batch is None:
-            raise ValueError(f"shard {shard}: no decodable pair ({shard_report.summary()})")
+            raise DataError(f"data.train: shard {shard}: no decodable pair ({shard_report.summary()})")
         write_shard(cache_dir, shard, batch, captions, sources,
                     {"undecodable": shard_report.undecodable, "ids": shard_report.undecodable_ids})
     if rank == 0:
         empty = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
         write_empty_prompt(cache_dir, empty.hidden.cpu(), None if empty.pooled is None else empty.pooled.cpu())
     barrier()
+    # Every rank tallies the shards' skipped pairs, so that all of them refuse too-bad data
+    # together (one rank raising alone would leave the others waiting at the next barrier).
+    for shard in range(num_shards):
+        skipped = read_json(cache_dir / f"shard_{shard:05d}.json")["skipped"]
+        for row_id in skipped.get("ids", []):
+            report.note_undecodable(row_id)
+        extra = skipped.get("undecodable", 0) - len(skipped.get("ids", []))
+        report.undecodable += extra
+        report.kept -= extra
+    report.check_bad_fraction(cfg.max_bad_fraction)
     if rank == 0:
-        for shard in range(num_shards):
-            skipped = read_json(cache_dir / f"shard_{shard:05d}.json")["skipped"]
-            for row_id in skipped.get("ids", []):
-                report.note_undecodable(row_id)
-            extra = skipped.get("undecodable", 0) - len(skipped.get("ids", []))
-            report.undecodable += extra
-            report.kept -= extra
         if report.undecodable:
             log.warning("skipped %d pairs with undecodable images (first: %s)", report.undecodable,
                         ", ".join(report.undecodable_ids))

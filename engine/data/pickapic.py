@@ -1,11 +1,17 @@
 """Reader of Pick-a-Pic v2 parquet shards (local files and globs), winner first.
 
 Two passes, so that bad input fails before any work is spent:
-1. ``scan_pickapic`` reads only the cheap columns (caption, labels) of every file, checks the
-   schema and values (errors name the file, row and field), drops ties and empty captions
-   and counts them; it returns light references to the kept pairs.
+1. ``scan_pickapic`` reads only the cheap columns (caption, labels, has_label) of every file
+   and checks the schema (a missing column or an unreadable file is an error naming the file).
+   It drops ties, unlabelled rows (``has_label`` false) and empty captions and counts them; it
+   returns light references to the kept pairs.
 2. ``iter_pair_images`` reads the image bytes of the referenced rows, shard by shard; rows
    whose bytes do not decode are skipped and counted, with the first row ids reported.
+
+Bad rows: one malformed row (an unreadable caption or label) in a 959K-row data set is
+skipped, counted and named (file:row and field) in the load report, like an undecodable image.
+More bad rows than ``max_bad_fraction`` of all rows is an error (the data is systematically
+wrong, not noisy); ``strict`` refuses the data at its first bad row.
 """
 from __future__ import annotations
 
@@ -18,13 +24,15 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from engine.data.images import ImageDecodeError, decode_image
+from sail.engine.data.images import ImageDecodeError, decode_image
+from sail.engine.errors import InputError
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 MAX_REPORTED_IDS = 10
+DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Malformed preference data; the message names the file, the row and the field."""
 
 
@@ -51,9 +59,17 @@ class LoadReport:
     rows: int = 0
     kept: int = 0
     ties: int = 0
+    unlabelled: int = 0
     empty_captions: int = 0
+    malformed: int = 0
+    malformed_ids: list[str] = field(default_factory=list)
     undecodable: int = 0
     undecodable_ids: list[str] = field(default_factory=list)
+
+    def note_malformed(self, row_id: str, problem: str) -> None:
+        self.malformed += 1
+        if len(self.malformed_ids) < MAX_REPORTED_IDS:
+            self.malformed_ids.append(f"{row_id} ({problem})")
 
     def note_undecodable(self, row_id: str) -> None:
         self.undecodable += 1
@@ -63,10 +79,20 @@ class LoadReport:
 
     def summary(self) -> str:
         text = (f"{self.rows} rows in {len(self.files)} file(s): kept {self.kept} pairs, dropped {self.ties} ties, "
-                f"skipped {self.empty_captions} empty captions, {self.undecodable} undecodable images")
+                f"{self.unlabelled} unlabelled rows (has_label false), {self.empty_captions} empty captions; "
+                f"skipped {self.malformed} malformed rows, {self.undecodable} pairs with undecodable images")
+        if self.malformed_ids:
+            text += f"; first malformed: {', '.join(self.malformed_ids)}"
         if self.undecodable_ids:
-            text += f" (first: {', '.join(self.undecodable_ids)})"
+            text += f"; first undecodable: {', '.join(self.undecodable_ids)}"
         return text
+
+    def check_bad_fraction(self, max_bad_fraction: float) -> None:
+        """Malformed rows plus undecodable pairs above ``max_bad_fraction`` of all rows: an error."""
+        bad = self.malformed + self.undecodable
+        if self.rows and bad > max_bad_fraction * self.rows:
+            raise DataError(f"data.train: {bad} of {self.rows} rows are bad ({bad / self.rows:.2%}), more than "
+                            f"data.max_bad_fraction {max_bad_fraction:.2%}: {self.summary()}")
 
 
 @dataclass
@@ -92,18 +118,28 @@ def expand_paths(patterns: list[str] | str) -> list[str]:
     return files
 
 
-def _check_labels(path: str, row: int, l0, l1) -> None:
+def row_problem(caption, l0, l1, has_label) -> str | None:
+    """What is wrong with one row's cheap fields ("field label_0: label is None, ..."), or None."""
+    if not isinstance(caption, str):
+        return f"field caption: expected a string, got {caption!r}"
+    if not isinstance(has_label, bool):
+        return f"field has_label: expected true/false, got {has_label!r}"
     for name, value in (("label_0", l0), ("label_1", l1)):
-        if value is None or not isinstance(value, (int, float)) or math.isnan(value):
-            raise DataError(f"{path}: row {row}: field {name}: label is {value!r}, expected 0, 0.5 or 1")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return f"field {name}: label is {value!r}, expected 0, 0.5 or 1"
         if value not in (0, 0.5, 1):
-            raise DataError(f"{path}: row {row}: field {name}: label {value} not in (0, 0.5, 1)")
+            return f"field {name}: label {value} not in (0, 0.5, 1)"
     if l0 + l1 != 1:
-        raise DataError(f"{path}: row {row}: fields label_0/label_1: {l0} + {l1} != 1")
+        return f"fields label_0/label_1: {l0} + {l1} != 1"
+    return None
 
 
-def scan_file(path: str, report: LoadReport) -> list[PairRef]:
-    """Validate one file's schema and cheap columns; return its kept pairs."""
+def scan_file(path: str, report: LoadReport, strict: bool = False) -> list[PairRef]:
+    """Validate one file's schema and cheap columns; return its kept pairs.
+
+    Policy: ``has_label`` false (no vote recorded) drops the row as unlabelled whatever its
+    labels say; ties (0.5 / 0.5) are dropped; a malformed row is skipped and counted (``strict``:
+    an error naming the file, row and field)."""
     try:
         schema = pq.read_schema(path)
     except Exception as err:
@@ -112,16 +148,27 @@ def scan_file(path: str, report: LoadReport) -> list[PairRef]:
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 needs {list(REQUIRED_COLUMNS)} "
                         f"(found {schema.names})")
-    table = pq.read_table(path, columns=["caption", "label_0", "label_1"])
+    columns = ["caption", "label_0", "label_1"] + (["has_label"] if "has_label" in schema.names else [])
+    try:
+        table = pq.read_table(path, columns=columns)
+    except Exception as err:
+        raise DataError(f"{path}: cannot read columns {columns} ({err})") from None
     captions = table.column("caption").to_pylist()
     labels0 = table.column("label_0").to_pylist()
     labels1 = table.column("label_1").to_pylist()
+    has_label = table.column("has_label").to_pylist() if "has_label" in columns else [True] * len(captions)
     refs = []
-    for row, (caption, l0, l1) in enumerate(zip(captions, labels0, labels1)):
+    for row, (caption, l0, l1, labelled) in enumerate(zip(captions, labels0, labels1, has_label)):
         report.rows += 1
-        if not isinstance(caption, str):
-            raise DataError(f"{path}: row {row}: field caption: expected a string, got {caption!r}")
-        _check_labels(path, row, l0, l1)
+        problem = row_problem(caption, l0, l1, labelled)
+        if problem is not None:
+            if strict:
+                raise DataError(f"{path}: row {row}: {problem} (data.strict)")
+            report.note_malformed(f"{Path(path).name}:{row}", problem)
+            continue
+        if not labelled:
+            report.unlabelled += 1
+            continue
         if l0 == 0.5:
             report.ties += 1
             continue
@@ -134,12 +181,16 @@ def scan_file(path: str, report: LoadReport) -> list[PairRef]:
     return refs
 
 
-def scan_pickapic(patterns: list[str] | str, max_pairs: int | None = None) -> tuple[list[PairRef], LoadReport]:
-    """Pass 1 over all files (no image decoding): validated references to the kept pairs."""
+def scan_pickapic(patterns: list[str] | str, max_pairs: int | None = None, *,
+                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                  strict: bool = False) -> tuple[list[PairRef], LoadReport]:
+    """Pass 1 over all files (no image decoding): validated references to the kept pairs.
+    More malformed rows than ``max_bad_fraction`` of all rows is a ``DataError``."""
     report = LoadReport()
     refs: list[PairRef] = []
     for path in expand_paths(patterns):
-        refs.extend(scan_file(path, report))
+        refs.extend(scan_file(path, report, strict))
+    report.check_bad_fraction(max_bad_fraction)
     if max_pairs is not None:
         refs = refs[:max_pairs]
     report.kept = len(refs)
@@ -175,9 +226,11 @@ def iter_pair_images(refs: list[PairRef], report: LoadReport) -> Iterator[tuple[
         yield ref, winner, loser
 
 
-def load_pickapic(patterns: list[str] | str, max_pairs: int | None = None) -> tuple[list[PreferencePair], LoadReport]:
+def load_pickapic(patterns: list[str] | str, max_pairs: int | None = None, *,
+                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                  strict: bool = False) -> tuple[list[PreferencePair], LoadReport]:
     """Both passes, pairs held in memory as bytes (small sets, tests and tools)."""
-    refs, report = scan_pickapic(patterns, max_pairs)
+    refs, report = scan_pickapic(patterns, max_pairs, max_bad_fraction=max_bad_fraction, strict=strict)
     cache = _FileCache()
     pairs = []
     for ref in refs:
@@ -185,8 +238,11 @@ def load_pickapic(patterns: list[str] | str, max_pairs: int | None = None) -> tu
         winner, loser = cols[ref.winner_col][ref.row].as_py(), cols[ref.loser_col][ref.row].as_py()
         try:
             decode_image(winner), decode_image(loser)
-        except ImageDecodeError:
+        except ImageDecodeError as err:
+            if strict:
+                raise DataError(f"{ref.file}: row {ref.row}: undecodable image ({err}) (data.strict)") from None
             report.note_undecodable(ref.row_id)
             continue
         pairs.append(PreferencePair(ref.caption, winner, loser, ref.row_id))
+    report.check_bad_fraction(max_bad_fraction)
     return pairs, report

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.io import read_json, write_json, write_parquet
-from engine.toy.model import load_toy_model, sample_images
-from engine.toy.oracle import bradley_terry_labels, load_scorer
-from engine.toy.world import ToyWorldConfig, all_prompts
+from sail.engine.io import read_json, write_json, write_parquet
+from sail.engine.toy.model import load_toy_model, sample_images
+from sail.engine.toy.oracle import bradley_terry_labels, load_scorer
+from sail.engine.toy.world import ToyWorldConfig, all_prompts
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.io import atomic_write, write_json
-from engine.toy.data import image_seed, make_splits, read_splits
-from engine.toy.metrics import mean_and_se, prompt_fidelity, within_prompt_diversity
-from engine.toy.model import load_toy_model, sample_images
-from engine.toy.scorers import get_scorer
-from engine.toy.world import ToyWorldConfig
+from sail.engine.io import atomic_write, write_json
+from sail.engine.toy.data import image_seed, make_splits, read_splits
+from sail.engine.toy.metrics import mean_and_se, prompt_fidelity, within_prompt_diversity
+from sail.engine.toy.model import load_toy_model, sample_images
+from sail.engine.toy.scorers import get_scorer
+from sail.engine.toy.world import ToyWorldConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.toy.vision import nearest_colour, read_shapes
-from engine.toy.world import SHAPES, coverage, parse_prompt
+from sail.engine.toy.vision import nearest_colour, read_shapes
+from sail.engine.toy.world import SHAPES, coverage, parse_prompt
 
 TEMPLATE_STEP = 0.5     # grid of template sizes and centres, pixels
 TEMPLATE_MIN_SIZE = 4.0

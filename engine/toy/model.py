@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.toy.world import vocabulary
+from sail.engine.toy.world import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # eos must not be id 2: CLIPTextModel falls back to a legacy "argmax id" pooling when it is.
@@ -174,8 +174,8 @@ def sample_images(model: ToyModel, prompts: list[str], seeds, *, num_steps: int,
     """
     from diffusers import DDIMScheduler
 
-    from engine.models import encode_prompts
-    from engine.sampling import latents_to_uint8, sample_latents
+    from sail.engine.models import encode_prompts
+    from sail.engine.sampling import latents_to_uint8, sample_latents
 
     if len(prompts) != len(seeds):
         raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.toy.vision import border_ring, read_shapes
+from sail.engine.toy.vision import border_ring, read_shapes
 
 CENTRE_WEIGHT = 0.5   # one unit of size term = two units of centre offset
 BORDER_WEIGHT = 1.0

@@ -16,8 +16,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from engine.toy.oracle import load_scorer
-from engine.toy.world import DEFAULT_ORACLE
+from sail.engine.toy.oracle import load_scorer
+from sail.engine.toy.world import DEFAULT_ORACLE
 
 
 class Scorer(Protocol):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.toy.world import PALETTE
+from sail.engine.toy.world import PALETTE
 
 # Half the smallest distance between two palette colours (~82): a pixel at least half
 # covered by the shape is foreground whatever the two colours are.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_ORACLE = "engine.toy.oracle:size_and_centre_score"
+DEFAULT_ORACLE = "sail.engine.toy.oracle:size_and_centre_score"
 
 # Ordered: ids are positions in these tuples, and prompt order (all_prompts) follows them.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -293,7 +293,7 @@ def render_prompts(prompts: list[str], layout: Layout, image_size: int = 16) -> 
 def load_world_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ToyWorldConfig:
     """ToyWorldConfig from an optional JSON file of its fields plus ``KEY=VALUE`` overrides;
     unknown keys and bad values raise ConfigError naming the file and the key."""
-    from engine.configtree import apply_overrides, build_dataclass, read_json
+    from sail.engine.configtree import apply_overrides, build_dataclass, read_json
 
     data = read_json(Path(path)) if path else {}
     where = str(path) if path else "<toy world defaults>"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.ablations import ARMS, arm_config, collect, fork_iteration0, mean_se, run_arms, write_table
-from engine.configtree import ConfigError
-from engine.manifest import Manifest
-from engine.run import run
+from sail.engine.ablations import ARMS, arm_config, collect, fork_iteration0, mean_se, run_arms, write_table
+from sail.engine.configtree import ConfigError
+from sail.engine.manifest import Manifest
+from sail.engine.run import run
 from tests.engine.test_controller import mini_config
 
 
@@ -83,7 +83,7 @@ def test_unknown_arm_and_non_sail_config_are_refused(tmp_path, toy_model):
 
 
 def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model, one_thread):
-    from engine.ablations import parse_variant
+    from sail.engine.ablations import parse_variant
 
     base = mini_config(tmp_path, toy_model, iterations=1)
     base["eval"]["seeds_per_prompt"] = 1

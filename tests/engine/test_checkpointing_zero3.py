@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from engine.configtree import ConfigError
-from engine.lora import require_frozen_recompute_support
+from sail.engine.configtree import ConfigError
+from sail.engine.lora import require_frozen_recompute_support
 from tests.engine.test_optim import assert_decreasing, launch_zero_worker
 
 

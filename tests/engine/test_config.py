@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from engine.config import load_config
-from engine.configtree import ConfigError
-from engine.optim import check_batch_arithmetic, deepspeed_config
+from sail.engine.config import load_config
+from sail.engine.configtree import ConfigError
+from sail.engine.optim import check_batch_arithmetic, deepspeed_config
 
 
 def _write(tmp_path, data, name="cfg.json"):
@@ -31,6 +31,22 @@ def test_wrong_type_and_range_name_the_key(tmp_path):
         load_config(_write(tmp_path, {**BASE, "distributed": {"zero_stage": 4}}))
     with pytest.raises(ConfigError, match=r"method: must be one of"):
         load_config(_write(tmp_path, {**BASE, "method": "ppo"}))
+
+
+def test_keys_that_nothing_reads_are_refused_at_load(tmp_path):
+    """A config key either works or is refused: no method 'sspo' until it is built, and no
+    prediction-type override (the model folder's scheduler config says epsilon or v)."""
+    with pytest.raises(ConfigError, match=r"method: must be one of \['dpo', 'sail', 'online_dpo'\], got 'sspo'"):
+        load_config(_write(tmp_path, {**BASE, "method": "sspo"}))
+    with pytest.raises(ConfigError, match=r"unknown key 'model.prediction_type'"):
+        load_config(_write(tmp_path, {**BASE, "model": {"arch": "tiny-sd15", "prediction_type": "epsilon"}}))
+
+
+def test_bad_row_policy_keys(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.data.max_bad_fraction == 0.01 and cfg.data.strict is False
+    with pytest.raises(ConfigError, match=r"data.max_bad_fraction: must be in \[0, 1\), got 1.5"):
+        load_config(_write(tmp_path, {**BASE, "data": {"train": ["x"], "max_bad_fraction": 1.5}}))
 
 
 def test_set_overrides_parse_json_values(tmp_path):
@@ -86,8 +102,8 @@ def test_shipped_configs_validate():
 
 
 def test_sail_iterations_train_overrides():
-    from engine.config import config_from_dict
-    from engine.controller import iteration_train_config
+    from sail.engine.config import config_from_dict
+    from sail.engine.controller import iteration_train_config
 
     cfg = config_from_dict({"name": "x", "train": {"beta": 2000, "steps": 300, "optimizer": {"lr": 3e-5}},
                             "sail": {"train_steps": 150, "lr": 1e-5}})
@@ -99,7 +115,7 @@ def test_sail_iterations_train_overrides():
 
 
 def test_train_reference_other_than_previous_needs_full_weights():
-    from engine.config import config_from_dict
+    from sail.engine.config import config_from_dict
 
     assert config_from_dict({"name": "x", "sail": {"train_reference": "base"}}).sail.train_reference == "base"
     with pytest.raises(ConfigError, match="train_reference"):

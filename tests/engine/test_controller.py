@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import config_from_dict
-from engine.controller import Controller, make_plan
-from engine.configtree import ConfigError
-from engine.strategy import LocalStrategy
+from sail.engine.config import config_from_dict
+from sail.engine.controller import Controller, make_plan
+from sail.engine.configtree import ConfigError
+from sail.engine.strategy import LocalStrategy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,8 +89,8 @@ def test_pairs_stay_latents_and_mix_proportion(tmp_path, toy_model):
     run = tmp_path / "run"
     cfg = config_from_dict(mini_config(tmp_path, toy_model, alpha=0.25))
     Controller(cfg).run()
-    from engine.data.cache import PairCache, TrainSet
-    from engine.sail import Candidates
+    from sail.engine.data.cache import PairCache, TrainSet
+    from sail.engine.sail import Candidates
 
     pairs = pq.read_table(run / "iter_001" / "pairs.parquet").to_pydict()
     rewards = pq.read_table(run / "iter_001" / "rewards.parquet").to_pydict()
@@ -137,7 +137,7 @@ def test_two_ranks_generate_disjoint_complete_shards_and_the_same_pairs(tmp_path
     assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == [0, 1, 2, 3]
     lat_two = {p: load_file(str(cand / f"cand_r{r:03d}.safetensors"))["latents"][j * 3:(j + 1) * 3]
                for r in (0, 1) for j, p in enumerate(ids[r])}
-    from engine.sail import Candidates
+    from sail.engine.sail import Candidates
 
     single = Candidates(tmp_path / "one" / "run" / "iter_001" / "candidates")
     for p, lat in lat_two.items():   # same per-prompt batches (3 candidates); other thread counts

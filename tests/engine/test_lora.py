@@ -15,10 +15,10 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from engine.config import LoRAConfig, config_from_dict
-from engine.lora import (LORA_DIR, LORA_WEIGHTS, add_lora, adapters_disabled, merge_lora_state, reference_forward,
+from sail.engine.config import LoRAConfig, config_from_dict
+from sail.engine.lora import (LORA_DIR, LORA_WEIGHTS, add_lora, adapters_disabled, merge_lora_state, reference_forward,
                          save_lora)
-from engine.models import build_components
+from sail.engine.models import build_components
 from tests.datagen import pickapic_rows, write_pickapic
 from tests.engine.test_optim import _free_port
 
@@ -146,7 +146,7 @@ def _check_stage_outputs(run_dir: Path) -> None:
 
 
 def test_lora_dpo_stage_one_process(tmp_path):
-    from engine.controller import run_dpo_job
+    from sail.engine.controller import run_dpo_job
 
     cfg = config_from_dict(_stage_config(tmp_path, backend="local"))
     run_dpo_job(cfg)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from engine.losses import dpo_loss
+from sail.engine.losses import dpo_loss
 
 
 def official_diffusion_dpo_loss(model_pred, ref_pred, target, beta):

@@ -3,9 +3,9 @@ import warnings
 import pytest
 import torch
 
-import engine.models as models
-from engine.configtree import ConfigError
-from engine.models import build_components, check_model_folder, encode_prompts, set_attention_backend
+import sail.engine.models as models
+from sail.engine.configtree import ConfigError
+from sail.engine.models import build_components, check_model_folder, encode_prompts, set_attention_backend
 
 
 def test_xformers_falls_back_to_sdpa_with_one_warning(monkeypatch):

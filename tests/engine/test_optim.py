@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:     # run as a script by the deepspeed launcher
     sys.path.insert(0, str(REPO))
 
-from engine.config import DistributedConfig, LoRAConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from engine.configtree import ConfigError  # noqa: E402
-from engine.optim import deepspeed_config  # noqa: E402
+from sail.engine.config import DistributedConfig, LoRAConfig, OptimizerConfig, TrainConfig  # noqa: E402
+from sail.engine.configtree import ConfigError  # noqa: E402
+from sail.engine.optim import deepspeed_config  # noqa: E402
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes not installed (pip install bitsandbytes)")
@@ -38,7 +38,7 @@ needs_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="d
 # ------------------------------------------------------------------------------------------------
 
 def tiny_unet(seed: int = 0):
-    from engine.models import _unet_config
+    from sail.engine.models import _unet_config
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -47,7 +47,7 @@ def tiny_unet(seed: int = 0):
 
 def fixed_batch(rank: int, pairs: int = 1):
     """One rank's fixed pairs, timesteps and noise (different per rank, the same every step)."""
-    from engine.data.cache import PairBatch
+    from sail.engine.data.cache import PairBatch
 
     g = torch.Generator().manual_seed(100 + rank)
     batch = PairBatch(torch.randn(pairs, 4, 16, 16, generator=g), torch.randn(pairs, 4, 16, 16, generator=g),
@@ -61,7 +61,7 @@ def train_fixed_batch(strategy, steps: int, beta: float, rank: int = 0, pairs: i
     """``steps`` optimizer steps on one fixed batch; the loss of every step (mean over ranks)."""
     from diffusers import DDPMScheduler
 
-    from engine.trainer import dpo_forward
+    from sail.engine.trainer import dpo_forward
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     batch, t, noise = fixed_batch(rank, pairs)
@@ -95,8 +95,8 @@ def zero_worker(spec: dict) -> dict:
     """Runs under the deepspeed launcher. Each run: {optimizer, zero_stage, lr, steps, beta,
     checkpointing, lora_rank, precision}; returns losses, optimizer-state facts, and how many
     times the gradient-checkpointing function ran."""
-    from engine.lora import add_lora
-    from engine.strategy import DeepSpeedStrategy
+    from sail.engine.lora import add_lora
+    from sail.engine.strategy import DeepSpeedStrategy
 
     results = []
     for run in spec["runs"]:
@@ -211,7 +211,7 @@ def test_bitsandbytes_with_offload_fails_fast_at_the_entry_point(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def _local(name: str, lr: float):
-    from engine.strategy import LocalStrategy
+    from sail.engine.strategy import LocalStrategy
 
     train = TrainConfig(beta=500.0, steps=6, optimizer=OptimizerConfig(name=name, lr=lr, eps=1e-6))
     strategy = LocalStrategy(train, DistributedConfig(backend="local"), device=torch.device("cpu"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from engine.sampling import latents_to_uint8, sample_latents, uint8_to_latents
+from sail.engine.sampling import latents_to_uint8, sample_latents, uint8_to_latents
 
 SHAPE = (3, 8, 8)
 

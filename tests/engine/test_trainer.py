@@ -2,8 +2,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import config_from_dict
-from engine.controller import run_dpo_job
+from sail.engine.config import config_from_dict
+from sail.engine.controller import run_dpo_job
 from tests.datagen import pickapic_rows, write_pickapic
 
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 def _triton_runnable() -> bool:
     try:
-        from kernels import _triton_rows
+        from sail.kernels import _triton_rows
     except ImportError:  # triton not installed
         return False
     if torch.cuda.is_available():

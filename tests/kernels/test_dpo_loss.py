@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dpo_loss import DPOLossOutput, dpo_loss, dpo_loss_reference, dpo_loss_triton
+from sail.kernels.dpo_loss import DPOLossOutput, dpo_loss, dpo_loss_reference, dpo_loss_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Forward values are fp32 reductions of exactly representable inputs: only summation order

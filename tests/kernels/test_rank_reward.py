@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.rank_reward import (RankRewardOutput, rank_reward, rank_reward_reference,
+from sail.kernels.rank_reward import (RankRewardOutput, rank_reward, rank_reward_reference,
                                  rank_reward_triton)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -20,7 +20,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import _triton_rows as rows, _dpo_loss_triton as dpo, _rank_reward_triton as rank
+from sail.kernels import _triton_rows as rows, _dpo_loss_triton as dpo, _rank_reward_triton as rank
 
 def lower(fn, sig, constexprs, aligned):
     # aligned: arguments the launcher specialises as multiples of 16 (pointers, D = 16384, ...)

@@ -4,12 +4,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import engine.toy.data as toy_data
-from engine.data.images import decode_image
-from engine.toy.data import (PromptSplits, check_disjoint, choose_pairs, ensure_toy_data, make_splits, read_splits,
+import sail.engine.toy.data as toy_data
+from sail.engine.data.images import decode_image
+from sail.engine.toy.data import (PromptSplits, check_disjoint, choose_pairs, ensure_toy_data, make_splits, read_splits,
                              write_splits)
-from engine.toy.oracle import size_and_centre_score
-from engine.toy.world import ToyWorldConfig, all_prompts
+from sail.engine.toy.oracle import size_and_centre_score
+from sail.engine.toy.world import ToyWorldConfig, all_prompts
 
 PICKAPIC_COLUMNS = {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different", "model_0",
                     "model_1", "best_image_uid", "ranking_id", "user_id", "image_0_uid", "image_1_uid"}
@@ -102,7 +102,7 @@ def test_ensure_is_idempotent_and_rebuilds_when_stale(tiny_data, tiny_model_dir,
 
 
 def test_pickapic_reader_round_trip(tiny_data):
-    from engine.data.pickapic import load_pickapic
+    from sail.engine.data.pickapic import load_pickapic
 
     paths, _ = tiny_data
     table = pq.read_table(paths.full).to_pydict()

@@ -6,11 +6,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model, score_images
-from engine.toy.oracle import size_and_centre_score
-from engine.toy import scorers
-from engine.toy.scorers import available_scorers, get_scorer, register_scorer
-from engine.toy.world import ToyWorldConfig, all_prompts, render_prompts, sample_layout
+from sail.engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model, score_images
+from sail.engine.toy.oracle import size_and_centre_score
+from sail.engine.toy import scorers
+from sail.engine.toy.scorers import available_scorers, get_scorer, register_scorer
+from sail.engine.toy.world import ToyWorldConfig, all_prompts, render_prompts, sample_layout
 
 SHIPPED = Path(__file__).resolve().parents[3] / "engine" / "toy" / "base_model"
 
@@ -44,7 +44,7 @@ def test_scorer_registry():
         scorers._REGISTRY.pop("test-brightness")
     with pytest.raises(ValueError, match="unknown 'nope'"):
         get_scorer("nope")
-    assert get_scorer("engine.toy.oracle:size_and_centre_score") is size_and_centre_score
+    assert get_scorer("sail.engine.toy.oracle:size_and_centre_score") is size_and_centre_score
 
 
 def test_evaluate_model_writes_metrics_and_grid(tiny_model_dir, tmp_path):
@@ -63,7 +63,7 @@ def test_evaluate_model_writes_metrics_and_grid(tiny_model_dir, tmp_path):
 
 
 def test_evaluate_cli(tiny_model_dir, tmp_path):
-    from launch.evaluate import main
+    from sail.launch.evaluate import main
 
     args = ["--model", str(tiny_model_dir), "--out", str(tmp_path), "--max-prompts", "2", "--seeds-per-prompt", "2",
             "--steps", "2", "--no-progress"]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.toy.metrics import classify_images, mean_and_se, prompt_fidelity, within_prompt_diversity
-from engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, SHAPES, Layout, all_prompts, parse_prompt, render_prompts,
+from sail.engine.toy.metrics import classify_images, mean_and_se, prompt_fidelity, within_prompt_diversity
+from sail.engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, SHAPES, Layout, all_prompts, parse_prompt, render_prompts,
                               sample_layout)
 
 

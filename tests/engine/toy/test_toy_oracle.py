@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from engine.toy.oracle import (EMPTY_SCORE, bradley_terry_labels, load_scorer, preference_probability,
+from sail.engine.toy.oracle import (EMPTY_SCORE, bradley_terry_labels, load_scorer, preference_probability,
                                size_and_centre_score)
-from engine.toy.vision import read_shapes
-from engine.toy.world import PALETTE, render
+from sail.engine.toy.vision import read_shapes
+from sail.engine.toy.world import PALETTE, render
 
 
 def _score(*images):
@@ -80,10 +80,10 @@ def test_bradley_terry_statistics(gap, temperature):
 
 
 def test_load_scorer():
-    fn = load_scorer("engine.toy.oracle:size_and_centre_score")
+    fn = load_scorer("sail.engine.toy.oracle:size_and_centre_score")
     img = render("red circle on black", 9, (8, 8))[None]
     assert fn(img, ["red circle on black"])[0] == size_and_centre_score(img)[0]
-    for bad, msg in [("engine.toy.oracle", "module:function"), ("engine.nope:f", "cannot import"),
-                     ("engine.toy.oracle:nope", "no callable")]:
+    for bad, msg in [("sail.engine.toy.oracle", "module:function"), ("sail.engine.nope:f", "cannot import"),
+                     ("sail.engine.toy.oracle:nope", "no callable")]:
         with pytest.raises(ValueError, match=msg):
             load_scorer(bad)

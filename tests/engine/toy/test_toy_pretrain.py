@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from launch.pretrain_toy import main
+from sail.launch.pretrain_toy import main
 
 SHIPPED = Path(__file__).resolve().parents[3] / "engine" / "toy" / "base_model"
 
@@ -52,7 +52,7 @@ def test_pretrain_script_few_steps(tmp_path):
     unet = _check_folder(out)
     assert sum(p.numel() for p in unet.parameters()) == record["unet_parameters"]
     # the saved weights are the EMA, not the random initialisation
-    from engine.toy.model import ToyModelSpec, build_unet
+    from sail.engine.toy.model import ToyModelSpec, build_unet
 
     torch.manual_seed(0)
     init = build_unet(ToyModelSpec(unet_channels=(8, 16, 16), text_hidden=16))
@@ -69,8 +69,8 @@ def test_pretrain_script_few_steps(tmp_path):
 
 
 def test_timestep_weights_turn_epsilon_loss_into_v_loss():
-    from engine.toy.model import build_scheduler
-    from engine.toy.pretrain import timestep_weights
+    from sail.engine.toy.model import build_scheduler
+    from sail.engine.toy.pretrain import timestep_weights
 
     abar = build_scheduler().alphas_cumprod
     w = timestep_weights(abar, 30.0)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.toy.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, tokenize
-from engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, PALETTE, SHAPES, ToyWorldConfig, all_prompts, coverage,
+from sail.engine.toy.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, tokenize
+from sail.engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, PALETTE, SHAPES, ToyWorldConfig, all_prompts, coverage,
                               load_world_config, parse_prompt, render, render_prompts, sample_layout)
 
 
