@@ -50,8 +50,9 @@ def _conditioning(comps, n: int, device, dtype):
     if comps.kind != "sdxl":
         return cond, uncond, None, None
     pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    size = float(cfg.sample_size * comps.vae_factor)
-    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device, dtype=dtype)
+    from sail.engine.models import native_time_ids
+
+    time_ids = native_time_ids(cfg.sample_size * comps.vae_factor, 1).to(device, dtype)
     added = {"text_embeds": torch.randn(n, pooled_dim, generator=g).to(device, dtype), "time_ids": time_ids.expand(n, 6)}
     added_u = {"text_embeds": torch.randn(1, pooled_dim, generator=g).to(device, dtype), "time_ids": time_ids}
     return cond, uncond, added, added_u

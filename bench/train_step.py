@@ -86,6 +86,7 @@ def synthetic_batch(arch: str, unet_config: dict, pairs: int, seed: int = 0):
     """A pre-encoded batch of the architecture's shapes: latents [P, 4, h, w], text states
     [P, L, D], and for SDXL pooled [P, 1280 or 32] and time ids [P, 6]."""
     from sail.engine.data.cache import PairBatch
+    from sail.engine.models import native_time_ids
 
     g = torch.Generator().manual_seed(seed)
     side = unet_config["sample_size"]
@@ -95,8 +96,7 @@ def synthetic_batch(arch: str, unet_config: dict, pairs: int, seed: int = 0):
     if unet_config.get("addition_embed_type") == "text_time":
         pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
         batch.pooled = torch.randn(pairs, pooled, generator=g)
-        size = float(side * 8)
-        batch.time_ids_w = batch.time_ids_l = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(pairs, 1)
+        batch.time_ids_w = batch.time_ids_l = native_time_ids(side * 8, pairs)   # the real SDXL VAE: 8 pixels a latent
     return batch
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from sail.engine.config import RunConfig, config_from_dict, config_to_dict
 from sail.engine.configtree import ConfigError, apply_overrides
 from sail.engine.io import atomic_write, write_json
+from sail.engine.layout import RunLayout
 from sail.engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,19 @@ def _get(tree: dict, dotted: str):
 def fork_iteration0(src: RunConfig, dst: RunConfig) -> None:
     """Start ``dst`` from ``src``'s completed base evaluation and iteration 0."""
     stages = [(0, "encode"), (0, "train")] + ([(-1, "evaluate"), (0, "evaluate")] if src.eval.enabled else [])
-    _link_stages(src, dst, ITER0_KEYS, stages, ("base_eval", "iter_000", "cache/seed"))
+    lay = RunLayout.of(src)
+    inside = [p for p in (lay.eval_dir(-1), lay.iteration(0), lay.seed_cache) if p.is_relative_to(lay.root)]
+    _link_stages(src, dst, ITER0_KEYS, stages, tuple(lay.relative(p) for p in inside))
 
 
 def share_iteration1_candidates(src: RunConfig, dst: RunConfig) -> None:
     """Iteration 1 generates from the shared iteration-0 model: the same candidates (same seeds),
     and, when the ranking settings are equal too, the same rewards. Link what ``src`` has."""
-    man = Manifest(src.resolved_run_dir)
+    man, lay = Manifest(src.resolved_run_dir), RunLayout.of(src)
     if man.done(1, "generate") and not _differ(src, dst, GENERATE_KEYS):
-        _link_stages(src, dst, GENERATE_KEYS, [(1, "generate")], ("iter_001/candidates",))
+        _link_stages(src, dst, GENERATE_KEYS, [(1, "generate")], (lay.relative(lay.candidates(1)),))
         if man.done(1, "rank") and not _differ(src, dst, RANK_KEYS):
-            _link_stages(src, dst, RANK_KEYS, [(1, "rank")], ("iter_001/rewards.parquet",))
+            _link_stages(src, dst, RANK_KEYS, [(1, "rank")], (lay.relative(lay.rewards(1)),))
 
 
 def _differ(a: RunConfig, b: RunConfig, keys) -> list[str]:
@@ -135,7 +138,8 @@ def share_base_eval(src: RunConfig, dst: RunConfig) -> None:
     """The base model's evaluation is the same for every training seed (fixed sampling seeds):
     link ``src``'s into ``dst`` instead of sampling again."""
     if src.eval.enabled and dst.eval.enabled and dst.eval.evaluate_base and Manifest(src.resolved_run_dir).done(-1, "evaluate"):
-        _link_stages(src, dst, BASE_EVAL_KEYS, [(-1, "evaluate")], ("base_eval",))
+        lay = RunLayout.of(src)
+        _link_stages(src, dst, BASE_EVAL_KEYS, [(-1, "evaluate")], (lay.relative(lay.eval_dir(-1)),))
 
 
 def _link_tree(src: Path, dst: Path) -> None:

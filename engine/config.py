@@ -7,7 +7,6 @@ reports any unknown key, wrong type or out-of-range value with the file and the 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -320,11 +319,6 @@ def config_from_dict(data: dict, where: str = "<dict>") -> RunConfig:
 
 def config_to_dict(cfg) -> dict:
     return to_dict(cfg)
-
-
-def replace(cfg, **changes):
-    """dataclasses.replace, re-running validation."""
-    return dataclasses.replace(cfg, **changes)
 
 
 __all__ = [

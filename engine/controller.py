@@ -14,23 +14,23 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from sail.engine import sail
+from sail.engine import hooks, sail
 from sail.engine.config import RunConfig, config_to_dict
 from sail.engine.configtree import ConfigError
 from sail.engine.data.cache import PairCache, TrainSet
 from sail.engine.diagnostics import candidate_diagnostics, evaluate_iteration, write_report
 from sail.engine.io import write_json
-from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage, seed_cache_dir
+from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage
+from sail.engine.layout import RunLayout
+from sail.engine.models import vae_scale_factor
 from sail.engine.manifest import Manifest
 from sail.engine.strategy import Strategy, make_strategy
 
 log = logging.getLogger(__name__)
-STAGES = ("generate", "rank", "pair", "mix", "train", "evaluate")
-
-
-class StageStopped(RuntimeError):
-    """A stage ended early on request (``stop_at``); the run resumes from its checkpoint."""
+ITERATION0 = ("encode", "train", "evaluate")                           # in order; STAGE_TABLE below
+STAGES = ("generate", "rank", "pair", "mix", "train", "evaluate")      # each SAIL iteration i >= 1
 
 
 @dataclass
@@ -91,11 +91,11 @@ def _check_disjoint(pools: list[list[str]], eval_prompts: list[str], where: str)
 class Controller:
     """Runs the stages of a run directory in order, skipping those the manifest records."""
 
-    def __init__(self, cfg: RunConfig, stop_at: int | None = None):
-        self.stop_at = stop_at   # end a training stage early after a checkpoint (resume tests)
+    def __init__(self, cfg: RunConfig):
         self.strategy = make_strategy(cfg.train, cfg.distributed)   # rank, world, barrier
         self.cfg, self.plan = make_plan(cfg, self.strategy)
-        self.run_dir = cfg.resolved_run_dir
+        self.layout = RunLayout.of(cfg)
+        self.run_dir = self.layout.root
         # Real models have no scorer wired in yet: their evaluate stages are not run, and not
         # recorded as done, so a resumed run evaluates once scorers exist.
         self.evaluates = cfg.eval.enabled and cfg.toy.enabled
@@ -103,13 +103,13 @@ class Controller:
             log.warning("evaluation: no scorer is wired in for real models yet; evaluate stages are not run")
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
+            write_json(self.layout.config, config_to_dict(self.cfg))
 
     def it_dir(self, i: int) -> Path:
-        return self.run_dir / f"iter_{i:03d}"
+        return self.layout.iteration(i)
 
     def model(self, i: int) -> str:
-        return self.plan.base_model if i < 0 else str(self.it_dir(i) / "model")
+        return self.plan.base_model if i < 0 else str(self.layout.model(i))
 
     def run(self, stage: str | None = None, iteration: int | None = None) -> Path:
         if stage is not None:
@@ -117,7 +117,7 @@ class Controller:
             return self.it_dir(iteration or 0)
         if self.evaluates and self.cfg.eval.evaluate_base:
             self._stage(-1, "evaluate")
-        for name in ("encode", "train", "evaluate"):
+        for name in ITERATION0:
             self._stage(0, name)
         if self.cfg.method in ("sail", "online_dpo"):
             for i in range(1, self.cfg.sail.iterations + 1):
@@ -126,7 +126,7 @@ class Controller:
         if self.strategy.is_main:
             write_report(self.run_dir, self.cfg)
         self.strategy.barrier()
-        return self.run_dir / "report.md"
+        return self.layout.report
 
     def _stage(self, i: int, name: str, force: bool = False) -> None:
         if name == "evaluate" and not self.evaluates:
@@ -141,85 +141,108 @@ class Controller:
             return
         t0 = time.perf_counter()
         log.info("iteration %d: %s", i, name)
-        outputs = getattr(self, f"_{name}")(i)
-        if outputs is None:      # stopped early on request: not complete, not recorded
-            raise StageStopped(f"iteration {i}: {name} stopped at step {self.stop_at}")
+        outputs = STAGE_TABLE[name].run(self, i)
         if self.strategy.is_main:
             Manifest(self.run_dir).record(i, name, [str(o) for o in outputs], time.perf_counter() - t0)
         self.strategy.barrier()
 
-    # ---- the stages -------------------------------------------------------------------------
+    # ---- the stages: each returns its outputs (recorded in the manifest) -----------------------
     def _dist(self) -> dict:
         s = self.strategy
         return {"rank": s.rank, "world": s.world_size, "device": s.device, "barrier": s.barrier}
 
-    def _encode(self, i: int) -> list:
+    def encode(self, i: int) -> list:
         return [encode_seed_pairs(self.cfg, self.strategy, self.plan.base_model)]
 
-    def _generate(self, i: int) -> list:
-        out = self.it_dir(i) / "candidates"
-        return [sail.generate_candidates(self.model(i - 1), self.plan.pools[i - 1], self.cfg.sail, out,
-                                         seed=self.cfg.seed, iteration=i, **self._dist())]
+    def generate(self, i: int) -> list:
+        return [sail.generate_candidates(self.model(i - 1), self.plan.pools[i - 1], self.cfg.sail,
+                                         self.layout.candidates(i), seed=self.cfg.seed, iteration=i, **self._dist())]
 
-    def _rank(self, i: int) -> list:
-        cands, out = sail.Candidates(self.it_dir(i) / "candidates"), self.it_dir(i) / "rewards.parquet"
+    def rank(self, i: int) -> list:
+        cands, out = sail.Candidates(self.layout.candidates(i)), self.layout.rewards(i)
         if self.cfg.method == "online_dpo":
-            from sail.engine.toy.scorers import get_scorer
+            from sail.engine.toy.scorers import world_scorer
 
             if self.strategy.is_main:
-                sail.score_candidates_external(cands, get_scorer(self.cfg.sail.external_scorer), out)
+                scorer = world_scorer(self.cfg.sail.external_scorer, self.cfg.toy.world.oracle)
+                sail.score_candidates_external(cands, scorer, out)
             return [out]
         ref = {"base": -1, "anchor": 0, "previous": i - 2}[self.cfg.sail.rank_reference]
         return [sail.rank_candidates(cands, self.model(i - 1), self.model(ref), self.cfg.sail, self.cfg.train.beta,
                                      out, seed=self.cfg.seed, iteration=i, **self._dist())]
 
-    def _pair(self, i: int) -> list:
-        d = self.it_dir(i)
+    def pair(self, i: int) -> list:
+        lay = self.layout
         if self.strategy.is_main:
             import pyarrow.parquet as pq
 
             from sail.engine.io import write_parquet
 
-            cands = sail.Candidates(d / "candidates")
-            pairs = sail.choose_pairs(pq.read_table(d / "rewards.parquet").to_pydict(), self.cfg.sail.pairing,
+            cands = sail.Candidates(lay.candidates(i))
+            pairs = sail.choose_pairs(pq.read_table(lay.rewards(i)).to_pydict(), self.cfg.sail.pairing,
                                       self.cfg.seed + i)
             if self.cfg.toy.enabled:
-                pairs.update(candidate_diagnostics(cands, pairs, d / "diagnostics.json", self.cfg.toy.world.oracle))
-            write_parquet(d / "pairs.parquet", pairs)
-            sail.maybe_die("pair")
-            sail.build_pair_cache(cands, pairs, PairCache(seed_cache_dir(self.cfg)), d / "pairs_cache")
-        return [d / "pairs.parquet", d / "pairs_cache"]
+                pairs.update(candidate_diagnostics(cands, pairs, lay.diagnostics(i), self.cfg.toy.world.oracle))
+            write_parquet(lay.pairs(i), pairs)
+            hooks.reached("pair")
+            sail.build_pair_cache(cands, pairs, PairCache(lay.seed_cache), lay.pairs_cache(i),
+                                  vae_scale_factor(self.model(i - 1)))
+        return [lay.pairs(i), lay.pairs_cache(i)]
 
-    def _mix(self, i: int) -> list:
-        d = self.it_dir(i)
+    def mix(self, i: int) -> list:
+        lay = self.layout
         if self.strategy.is_main:
-            n_gen, n_seed = len(PairCache(d / "pairs_cache")), len(PairCache(seed_cache_dir(self.cfg)))
+            n_gen, n_seed = len(PairCache(lay.pairs_cache(i))), len(PairCache(lay.seed_cache))
             entries = sail.mix_pairs(n_gen, n_seed, self.cfg.sail.alpha, self.cfg.seed * 31 + i)
-            sail.write_mix(d / "train_set.parquet", seed_cache_dir(self.cfg), d / "pairs_cache", entries)
-            sail.maybe_die("mix")
-        return [d / "train_set.parquet"]
+            sail.write_mix(lay.train_set(i), lay.seed_cache, lay.pairs_cache(i), entries)
+            hooks.reached("mix")
+        return [lay.train_set(i)]
 
-    def _train(self, i: int) -> list:
-        d = self.it_dir(i)
+    def train(self, i: int) -> list:
         if i == 0:
-            train_set, cfg = TrainSet.from_cache(PairCache(seed_cache_dir(self.cfg))), self.cfg
+            train_set, cfg = TrainSet.from_cache(PairCache(self.layout.seed_cache)), self.cfg
         else:
-            train_set = TrainSet.read(d / "train_set.parquet")
+            train_set = TrainSet.read(self.layout.train_set(i))
             cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
         ref = self.model(i - 1) if i == 0 else self.model({"previous": i - 1, "anchor": 0,
                                                                 "base": -1}[self.cfg.sail.train_reference])
-        run_dpo_stage(cfg, self.model(i - 1), train_set, d, seed=self.cfg.seed + 1000 * i, tag=f"iter{i}",
-                      stop_at=self.stop_at, reference_model=ref)
-        if self.stop_at is not None and self.stop_at < cfg.train.steps:
-            return None
-        return [d / "model"]
+        run_dpo_stage(cfg, self.model(i - 1), train_set, self.it_dir(i), seed=self.cfg.seed + 1000 * i,
+                      tag=f"iter{i}", reference_model=ref)
+        return [self.layout.model(i)]
 
-    def _evaluate(self, i: int) -> list:
-        out = self.run_dir / "base_eval" if i < 0 else self.it_dir(i) / "eval"
+    def evaluate(self, i: int) -> list:
+        out = self.layout.eval_dir(i)
         if self.strategy.is_main:
             evaluate_iteration(self.cfg, self.model(i), self.plan.eval_prompts, out)
-            sail.maybe_die("evaluate")
+            hooks.reached("evaluate")
         return [out]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named stage: the controller method that runs it, what it reads and what it writes
+    (paths of ``RunLayout``; ``i`` is the iteration)."""
+
+    name: str
+    run: Callable[[Controller, int], list]
+    reads: str
+    writes: str
+
+
+STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("encode", Controller.encode, "data.train (Pick-a-Pic parquet), the base model's VAE and text encoders",
+          "cache/seed/"),
+    Stage("generate", Controller.generate, "model i-1, prompt pool i", "iter_i/candidates/"),
+    Stage("rank", Controller.rank, "iter_i/candidates/, model i-1 and the ranking reference (or a scorer)",
+          "iter_i/rewards.parquet"),
+    Stage("pair", Controller.pair, "iter_i/rewards.parquet, iter_i/candidates/",
+          "iter_i/pairs.parquet, iter_i/pairs_cache/ (+ diagnostics.json in the toy world)"),
+    Stage("mix", Controller.mix, "iter_i/pairs_cache/, cache/seed/", "iter_i/train_set.parquet"),
+    Stage("train", Controller.train, "cache/seed/ (i = 0) or iter_i/train_set.parquet; model i-1; the DPO reference",
+          "iter_i/model/, iter_i/metrics.json"),
+    Stage("evaluate", Controller.evaluate, "model i (i = -1: the base model), the evaluation prompts",
+          "iter_i/eval/ or base_eval/"),
+)}
 
 
 def iteration_train_config(cfg: RunConfig):
@@ -230,17 +253,7 @@ def iteration_train_config(cfg: RunConfig):
                                optimizer=optimizer)
 
 
-def run_dpo_job(cfg: RunConfig, stop_at: int | None = None) -> Path:
-    """Iteration 0 alone (method dpo); returns the trained model folder."""
-    ctrl = Controller(cfg, stop_at=stop_at)
-    try:
-        ctrl.run()
-    except StageStopped:
-        pass
-    return ctrl.it_dir(0) / "model"
-
-
 def run_controller(cfg: RunConfig, stage: str | None = None, iteration: int | None = None) -> Path:
-    if stage is not None and stage not in STAGES + ("encode",):
-        raise ConfigError(f"--stage: unknown stage {stage!r}; stages: encode, {', '.join(STAGES)}")
+    if stage is not None and stage not in STAGE_TABLE:
+        raise ConfigError(f"--stage: unknown stage {stage!r}; stages: {', '.join(STAGE_TABLE)}")
     return Controller(cfg).run(stage, iteration)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sail.engine.io import atomic_write, read_json, write_json
+from sail.engine.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +58,26 @@ def evaluate_iteration(cfg, model_dir: str, prompts: list[str], out: Path) -> di
     settings = EvalSettings.from_world(cfg.toy.world)
     if cfg.eval.seeds_per_prompt:
         settings.seeds_per_prompt = cfg.eval.seeds_per_prompt
-    return evaluate_model(model_dir, out, prompts, settings, progress=False)
+    from sail.engine.toy.scorers import world_scorer
+
+    return evaluate_model(model_dir, out, prompts, settings, {"oracle": world_scorer("oracle", cfg.toy.world.oracle)},
+                          progress=False)
 
 
 def _rows(run_dir: Path) -> list[dict]:
+    lay = RunLayout(run_dir)
     rows = []
-    labelled = [("base", run_dir / "base_eval", None)]
-    for d in sorted(run_dir.glob("iter_*")):
-        labelled.append((d.name, d / "eval", d))
-    for name, eval_dir, it_dir in labelled:
+    labelled = [("base", -1)] + [(d.name, int(d.name[5:])) for d in lay.iterations()]
+    for name, i in labelled:
         row = {"iteration": name}
-        if (eval_dir / "metrics.json").is_file():
-            row.update(read_json(eval_dir / "metrics.json"))
-        if it_dir is not None and (it_dir / "metrics.json").is_file():
-            final = read_json(it_dir / "metrics.json").get("final", {})
+        if (lay.eval_dir(i) / "metrics.json").is_file():
+            row.update(read_json(lay.eval_dir(i) / "metrics.json"))
+        if i >= 0 and lay.train_metrics(i).is_file():
+            final = read_json(lay.train_metrics(i)).get("final", {})
             row["train/implicit_acc"] = final.get("implicit_acc")
             row["train/reward_margin"] = final.get("reward_margin")
-        if it_dir is not None and (it_dir / "diagnostics.json").is_file():
-            diag = read_json(it_dir / "diagnostics.json")
+        if i >= 0 and lay.diagnostics(i).is_file():
+            diag = read_json(lay.diagnostics(i))
             row["self_rank_agreement"] = diag["self_rank_agreement"]
             row["pair_reward_margin_p50"] = diag["reward_margin"]["p50"]
             row["candidate_diversity"] = diag.get("candidates/diversity/pairwise_rms")
@@ -101,7 +104,7 @@ def write_report(run_dir: Path, cfg) -> Path:
     for row in rows:
         lines.append(f"| {row['iteration']} | " + " | ".join(_fmt(row.get(k)) for k, _ in cols) + " |")
     lines += ["", "![metrics](metrics.png)", "", "Sample grids: `base_eval/samples.png`, `iter_*/eval/samples.png`."]
-    path = atomic_write(run_dir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    path = atomic_write(RunLayout(run_dir).report, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     write_json(run_dir / "metrics.json", {r["iteration"]: {k: r.get(k) for k, _ in cols} for r in rows})
     _plot(run_dir / "metrics.png", rows, cols)
     return path

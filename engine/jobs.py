@@ -12,8 +12,9 @@ from pathlib import Path
 
 from sail.engine.config import RunConfig
 from sail.engine.configtree import ConfigError
-from sail.engine.data.cache import PairCache, TrainSet
+from sail.engine.data.cache import TrainSet
 from sail.engine.data.encode import encode_pickapic
+from sail.engine.layout import RunLayout
 from sail.engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                            set_attention_backend)
 from sail.engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
@@ -28,7 +29,7 @@ def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
     weights and saved once into the run directory (so every stage loads models from disk)."""
     if cfg.model.path:
         return str(check_model_folder(cfg.model.resolved_path()))
-    folder = cfg.resolved_run_dir / "base_model"
+    folder = RunLayout.of(cfg).base_model
     if strategy.is_main and not (folder / "model_index.json").is_file():
         comps = build_components(cfg.model.arch, cfg.seed)
         save_model_folder(folder, None, dict(comps.unet.config), comps, source=None)
@@ -38,13 +39,9 @@ def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
     return str(folder)
 
 
-def seed_cache_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.resolved_run_dir / "cache" / "seed"
-
-
 def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Path:
     """Pre-encode ``data.train`` with the base model's VAE and text encoder(s) (rank-parallel)."""
-    cache_dir = seed_cache_dir(cfg)
+    cache_dir = RunLayout.of(cfg).seed_cache
     comps = load_components(model_dir)
     for module in [comps.vae, *comps.text_encoders]:
         if module is not None:
@@ -55,7 +52,7 @@ def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Pat
 
 
 def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
-                  stop_at: int | None = None, tag: str = "dpo", reference_model: str | None = None) -> StageResult:
+                  tag: str = "dpo", reference_model: str | None = None) -> StageResult:
     """DPO from ``init_model`` against ``reference_model`` (default: the init model); writes
     ``out_dir/model`` and ``out_dir/metrics.json``."""
     strategy = make_strategy(cfg.train, cfg.distributed)
@@ -81,9 +78,7 @@ def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir:
     log.info("training: %s, attention %s", describe_strategy(strategy), backend)
     t0 = time.perf_counter()
     result = train_dpo(cfg.train, strategy, comps.noise_scheduler, train_set, out_dir, seed=seed,
-                       empty_prompt_prob=cfg.data.empty_prompt_prob, stop_at=stop_at, tag=tag)
-    if stop_at is not None and stop_at < cfg.train.steps:
-        return result
+                       empty_prompt_prob=cfg.data.empty_prompt_prob, tag=tag)
     state = strategy.policy_state_dict()
     if strategy.is_main:
         if use_lora:   # adapters in the diffusers format, and the merged full UNet for later stages

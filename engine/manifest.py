@@ -30,10 +30,5 @@ class Manifest:
             "outputs": outputs, "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         write_json(self.path, self.data)
 
-    def forget(self, iteration: int, stage: str) -> None:
-        """Drop a stage (and so make it run again)."""
-        self.data["stages"].pop(self.key(iteration, stage), None)
-        write_json(self.path, self.data)
-
     def get(self, iteration: int, stage: str) -> dict | None:
         return self.data["stages"].get(self.key(iteration, stage))

@@ -54,6 +54,15 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
 
+def vae_scale_factor(folder: str | os.PathLike) -> int:
+    """Pixels per latent along a side, read from the folder's vae/config.json without loading
+    the VAE (1: a pixel-space model without VAE); equals ``Components.vae_factor``."""
+    config = Path(folder) / "vae" / "config.json"
+    if not config.is_file():
+        return 1
+    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading from a local folder
 # --------------------------------------------------------------------------------------------
@@ -269,11 +278,10 @@ def sdxl_time_ids(original_hw: torch.Tensor, crop_tl: torch.Tensor, target_hw: t
     return torch.cat([original_hw.float(), crop_tl.float(), target], dim=1)
 
 
-def unet_added_cond(pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
-    """``added_cond_kwargs`` for the UNet (SDXL only)."""
-    if pooled is None:
-        return None
-    return {"text_embeds": pooled, "time_ids": time_ids}
+def native_time_ids(size: int, n: int) -> torch.Tensor:
+    """SDXL time ids of ``n`` square images generated at ``size`` pixels, uncropped: [n, 6]
+    (the generated candidates, and the pairs made of them)."""
+    return sdxl_time_ids(torch.tensor([[size, size]]).expand(n, 2), torch.zeros(n, 2), (size, size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +25,15 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from sail.engine import hooks
 from sail.engine.config import SailConfig
 from sail.engine.data.cache import PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard, write_train_set
 from sail.engine.data.pickapic import DataError
 from sail.engine.io import read_json, write_json, write_parquet, write_safetensors
 from sail.engine.losses import implicit_reward
-from sail.engine.models import encode_prompts, load_components, load_unet, sdxl_time_ids
+from sail.engine.models import encode_prompts, load_components, load_unet, native_time_ids, vae_scale_factor
 
 log = logging.getLogger(__name__)
-
-
-def maybe_die(point: str) -> None:
-    """Test hook: SIGKILL this process at a named point (resume tests), never set in real runs."""
-    if os.environ.get("SAIL_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed(*parts: int) -> int:
@@ -136,8 +130,7 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
         side = int(comps.unet.config.sample_size)
         added = added_u = None
         if cond.pooled is not None:   # SDXL: generated at the native size, no crop
-            res = side * 8
-            tids = sdxl_time_ids(torch.tensor([[res, res]]), torch.tensor([[0, 0]]), (res, res))
+            tids = native_time_ids(side * vae_scale_factor(model_dir), 1)
             added = {"text_embeds": cond.pooled.repeat_interleave(cfg.candidates, 0),
                      "time_ids": tids.expand(len(seeds), 6)}
             added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
@@ -151,7 +144,7 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
                    "prompt_ids": torch.tensor(mine), "seeds": torch.tensor(seeds, dtype=torch.int64)}
         if cond.pooled is not None:
             tensors["pooled"] = cond.pooled.float().cpu()
-        maybe_die("generate")
+        hooks.reached("generate")
         write_safetensors(shard_file, tensors)
     barrier()
     if rank == 0:
@@ -202,7 +195,7 @@ def _forward_chunks(unet, x, t, hidden, pooled, time_ids, batch: int) -> torch.T
 
 @torch.no_grad()
 def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
-                  batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch: int, vae_factor: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit reward of a prompt's N candidates over K (t, noise) draws shared by all N.
 
     Returns reward [N] and per-draw values [N, K]."""
@@ -219,8 +212,7 @@ def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, b
     p = pooled.to(dev).expand(n * draws, -1) if pooled is not None else None
     tids = None
     if p is not None:
-        res = float(shape[-1] * 8)
-        tids = torch.tensor([res, res, 0.0, 0.0, res, res], device=dev).expand(n * draws, 6)
+        tids = native_time_ids(shape[-1] * vae_factor, 1).to(dev).expand(n * draws, 6)
     cur_pred = _forward_chunks(cur, x_t, tt, h, p, tids, batch).view(1, n, draws, *shape)
     ref_pred = _forward_chunks(ref, x_t, tt, h, p, tids, batch).view(1, n, draws, *shape)
     if scheduler.config.prediction_type == "v_prediction":
@@ -245,13 +237,13 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
             latents, hidden, pooled = cands.of_prompt(p)
             reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
                                              draws=cfg.rank_draws, beta=beta, seed=_seed(seed, iteration, p, 99),
-                                             batch=cfg.rank_batch_size)
+                                             batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir))
             rows["prompt_idx"] += [p] * len(reward)
             rows["cand"] += list(range(len(reward)))
             rows["reward"] += reward.tolist()
             rows["draws"] += per_draw.tolist()
             if j == len(mine) // 2:
-                maybe_die("rank")
+                hooks.reached("rank")
         write_parquet(part, rows)
     barrier()
     if rank == 0:
@@ -303,8 +295,9 @@ def choose_pairs(rewards: dict, pairing: str, seed: int) -> dict:
     return out
 
 
-def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out: Path) -> Path:
-    """The chosen pairs as a pair cache: latents stay latents (no decode / re-encode)."""
+def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out: Path, vae_factor: int = 8) -> Path:
+    """The chosen pairs as a pair cache: latents stay latents (no decode / re-encode).
+    ``vae_factor``: pixels per latent of the model that generated them (SDXL time ids)."""
     lw, ll, hid, pooled = [], [], [], []
     for p, w, l in zip(pairs["prompt_idx"], pairs["winner"], pairs["loser"]):
         latents, hidden, pool = cands.of_prompt(p)
@@ -315,8 +308,7 @@ def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out:
             pooled.append(pool)
     batch = PairBatch(torch.cat(lw), torch.cat(ll), torch.cat(hid), torch.cat(pooled) if pooled else None)
     if pooled:
-        res = float(batch.latents_w.shape[-1] * 8)
-        batch.time_ids_w = batch.time_ids_l = torch.tensor([[res, res, 0.0, 0.0, res, res]]).expand(len(lw), 6)
+        batch.time_ids_w = batch.time_ids_l = native_time_ids(batch.latents_w.shape[-1] * vae_factor, len(lw))
     captions = [cands.prompts[p] for p in pairs["prompt_idx"]]
     write_shard(out, 0, batch, captions, [f"generated:{p}" for p in pairs["prompt_idx"]])
     write_empty_prompt(out, seed_cache.empty_hidden, seed_cache.empty_pooled)

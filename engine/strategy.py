@@ -7,7 +7,7 @@ loaded from disk by the caller, never deep-copied from a partitioned model) and 
 frozen replica under ZeRO 0-2.
 
 Verbs: prepare, policy / reference (callables), backward, step, grad_norm, lr, save_checkpoint,
-load_checkpoint, policy_state_dict, gathered, all_reduce_mean, barrier, is_main, close.
+load_checkpoint, policy_state_dict, all_reduce_mean, barrier, is_main, close.
 """
 from __future__ import annotations
 
@@ -74,11 +74,6 @@ class Strategy:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
-
-    @contextlib.contextmanager
-    def gathered(self, module: nn.Module):
-        """Full parameters of ``module`` for the duration (ZeRO-3 gathers once per call)."""
-        yield module
 
     def close(self) -> None:
         pass
@@ -315,13 +310,6 @@ class DeepSpeedStrategy(Strategy):
         if self.dist.zero_stage == 3:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def gathered(self, module: nn.Module):
-        """Gather a ZeRO-3 module's parameters once for a whole sampling call (not per step)."""
-        target = module.module if hasattr(module, "module") else module
-        with self._gather(list(target.parameters())):
-            yield target
 
 
 def make_strategy(train: TrainConfig, dist: DistributedConfig) -> Strategy:

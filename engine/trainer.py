@@ -20,7 +20,7 @@ from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_json
 from sail.engine.losses import dpo_loss
 from sail.engine.lora import reference_forward
-from sail.engine.sail import maybe_die
+from sail.engine import hooks
 from sail.engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,9 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
 
 
 def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: TrainSet, run_dir: Path, *,
-              seed: int, empty_prompt_prob: float, stop_at: int | None = None, tag: str = "dpo") -> StageResult:
+              seed: int, empty_prompt_prob: float, tag: str = "dpo") -> StageResult:
     """Train ``strategy.policy`` against ``strategy.reference`` for ``cfg.steps`` optimizer steps,
-    resuming from ``run_dir/checkpoints`` when a checkpoint is there. ``stop_at`` ends the
-    stage early after checkpointing (used by resume tests)."""
+    resuming from ``run_dir/checkpoints`` when a checkpoint is there."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     micro, world = cfg.micro_batch_pairs, strategy.world_size
@@ -116,7 +115,7 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
     writer = _tensorboard(run_dir, tag) if strategy.is_main else None
     sums = torch.zeros(7, device=strategy.device)   # loss, acc, margin, mw, ml, rw, rl: synced at log steps
     count, t0 = 0, time.perf_counter()
-    bar = tqdm(range(start, stop_at or cfg.steps), desc=tag, disable=not strategy.is_main, initial=start,
+    bar = tqdm(range(start, cfg.steps), desc=tag, disable=not strategy.is_main, initial=start,
                total=cfg.steps)
     for step in bar:
         # ---- forward / backward over the accumulation micro-batches -------------------------
@@ -135,7 +134,7 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
             count += 1
         done = step + 1
         # ---- logging: the only host syncs of the loop ------------------------------------------
-        if done % cfg.log_every == 0 or done == cfg.steps or done == stop_at:
+        if done % cfg.log_every == 0 or done == cfg.steps:
             row = _log_row(strategy, sums / count, done, global_batch * (done - start) / (time.perf_counter() - t0))
             history.append(row)
             if writer is not None:
@@ -146,13 +145,13 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
             sums.zero_()
             count = 0
         # ---- checkpoint --------------------------------------------------------------------------
-        if (cfg.save_every and done % cfg.save_every == 0) or done == stop_at:
+        if cfg.save_every and done % cfg.save_every == 0:
             strategy.save_checkpoint(ckpt_dir, done, {"step": done, "history": history})
-            maybe_die("train")
+            hooks.reached("train", step=done)
     if writer is not None:
         writer.close()
     final = {k: v for k, v in history[-1].items()} if history else {}
-    return StageResult(steps=stop_at or cfg.steps, metrics=final, history=history)
+    return StageResult(steps=cfg.steps, metrics=final, history=history)
 
 
 def _log_row(strategy: Strategy, means: torch.Tensor, step: int, pairs_per_s: float) -> dict:

@@ -43,7 +43,7 @@ def main(model_dir, out, data_dir, config_path, overrides, seeds_per_prompt, max
     import torch
 
     from sail.engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model
-    from sail.engine.toy.scorers import get_scorer
+    from sail.engine.toy.scorers import world_scorer
     from sail.engine.toy.world import load_world_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +55,7 @@ def main(model_dir, out, data_dir, config_path, overrides, seeds_per_prompt, max
         changes = {k: v for k, v in (("seeds_per_prompt", seeds_per_prompt), ("num_steps", steps),
                                       ("guidance_scale", guidance)) if v is not None}
         settings = dataclasses.replace(settings, **changes)
-        scorers = {name.split(":")[-1]: get_scorer(name) for name in scorer_names}
+        scorers = {name.split(":")[-1]: world_scorer(name, cfg.oracle) for name in scorer_names}
     prompts = eval_prompts(cfg, data_dir)[:max_prompts]
     metrics = evaluate_model(model_dir, out, prompts, settings, scorers, progress=progress)
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "settings"}))

@@ -1,5 +1,5 @@
 """Small Pick-a-Pic v2 shards made in code for tests (random images, chosen labels), tiny
-models, and clean copies of the checkout."""
+models, one-call runs, a test oracle, and clean copies of the checkout."""
 from __future__ import annotations
 
 import io
@@ -65,3 +65,18 @@ def clean_copy(repo: Path, dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo / name, dest / name)
     return dest
+
+
+def brightness_oracle(images, prompts=None):
+    """A test oracle of another taste: the mean pixel value, in [0, 255]; the default oracle's
+    scores lie in [-1, 0.72], so any score above 1 came from this one."""
+    return np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3))
+
+
+def run_dpo(cfg) -> Path:
+    """Iteration 0 of a config (method dpo) in this process; returns the trained model folder."""
+    from sail.engine.controller import Controller
+    from sail.engine.layout import RunLayout
+
+    Controller(cfg).run()
+    return RunLayout.of(cfg).model(0)

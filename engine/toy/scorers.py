@@ -53,6 +53,12 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     raise ValueError(f"scorer: unknown {name!r}; registered: {available_scorers()}, or give 'module:function'")
 
 
+def world_scorer(name: str, oracle: str) -> Scorer:
+    """``get_scorer`` where ``"oracle"`` is the run's one oracle setting (``toy.world.oracle``),
+    so that labels, evaluation, OnlineDPO ranking and diagnostics all score with one human."""
+    return get_scorer(name, spec=oracle) if name == "oracle" else get_scorer(name)
+
+
 @register_scorer("oracle")
 def _oracle(spec: str = DEFAULT_ORACLE) -> Scorer:
     """The toy world's programmatic human (engine/toy/oracle.py), or another ``module:function``."""

@@ -41,11 +41,10 @@ def _weights(run: Path, it: int) -> dict:
 
 
 def _launch(cfg_path: Path, kill_at: str | None, extra=()):
+    """launch/train.py, through tests/kill_at.py when it must die at ``kill_at``."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("SAIL_KILL_AT", None)
-    if kill_at:
-        env["SAIL_KILL_AT"] = kill_at
-    return subprocess.run([*extra, "launch/train.py", "--config", str(cfg_path)], cwd=REPO, env=env,
+    script = ["tests/kill_at.py", kill_at, "launch/train.py"] if kill_at else ["launch/train.py"]
+    return subprocess.run([*extra, *script, "--config", str(cfg_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -158,3 +157,36 @@ def test_iterations_can_train_against_a_fixed_reference(tmp_path, toy_model):
     # at the first step the policy (iteration 0's model) already differs from the reference
     first = it1["history"][0]
     assert first["model_err_w"] != first["ref_err_w"]
+
+
+def test_one_oracle_setting_drives_labels_evaluation_ranking_and_diagnostics(tmp_path, toy_model, one_thread):
+    """toy.world.oracle is the only oracle: the toy labels, the held-out evaluation, the
+    OnlineDPO ranking and the per-iteration diagnostics all score with it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.datagen import brightness_oracle
+
+    data = mini_config(tmp_path, toy_model)
+    data["method"] = "online_dpo"
+    data["toy"]["world"] = {**WORLD, "oracle": "tests.datagen:brightness_oracle"}
+    Controller(config_from_dict(data)).run()
+    run = tmp_path / "run"
+    # labels: every decided pair's winner is the brighter image
+    seed = pq.read_table(tmp_path / "toy_data" / "seed.parquet").to_pydict()
+    decided = 0
+    for jpg_0, jpg_1, label_0 in zip(seed["jpg_0"], seed["jpg_1"], seed["label_0"]):
+        if label_0 == 0.5:
+            continue
+        b0, b1 = (brightness_oracle(np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))[None])[0]
+                  for j in (jpg_0, jpg_1))
+        assert (b0 > b1) == (label_0 == 1.0)
+        decided += 1
+    assert decided >= 6
+    # evaluation, OnlineDPO rewards and diagnostics: brightness values, above the default's range
+    for eval_dir in (run / "base_eval", run / "iter_000" / "eval", run / "iter_001" / "eval"):
+        assert json.loads((eval_dir / "metrics.json").read_text())["oracle/mean"] > 1.0
+    assert min(pq.read_table(run / "iter_001" / "rewards.parquet").column("reward").to_pylist()) > 1.0
+    assert json.loads((run / "iter_001" / "diagnostics.json").read_text())["candidate_oracle_mean"] > 1.0

@@ -146,10 +146,9 @@ def _check_stage_outputs(run_dir: Path) -> None:
 
 
 def test_lora_dpo_stage_one_process(tmp_path):
-    from sail.engine.controller import run_dpo_job
+    from tests.datagen import run_dpo
 
-    cfg = config_from_dict(_stage_config(tmp_path, backend="local"))
-    run_dpo_job(cfg)
+    run_dpo(config_from_dict(_stage_config(tmp_path, backend="local")))
     _check_stage_outputs(tmp_path / "run")
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sail.engine import hooks
 from sail.engine.config import config_from_dict
-from sail.engine.controller import run_dpo_job
-from tests.datagen import pickapic_rows, write_pickapic
+from tests.datagen import pickapic_rows, run_dpo, write_pickapic
 
 
 def tiny_cfg(tmp_path, data, name, arch="tiny-sd15", **train):
@@ -26,12 +26,18 @@ def _unet_weights(model_dir):
 
 
 def test_resume_after_stop_gives_the_same_weights(tmp_path, data):
-    full = run_dpo_job(tiny_cfg(tmp_path, data, "full", scheduler={"name": "cosine", "warmup_steps": 2}))
-    cfg = tiny_cfg(tmp_path, data, "resumed", scheduler={"name": "cosine", "warmup_steps": 2})
-    run_dpo_job(cfg, stop_at=2)
+    full = run_dpo(tiny_cfg(tmp_path, data, "full", scheduler={"name": "cosine", "warmup_steps": 2}))
+    cfg = tiny_cfg(tmp_path, data, "resumed", scheduler={"name": "cosine", "warmup_steps": 2}, save_every=2)
+
+    def stop_after_step_2(point, info):
+        if point == "train" and info["step"] == 2:
+            raise hooks.StopRun
+
+    with pytest.raises(hooks.StopRun), hooks.installed(stop_after_step_2):
+        run_dpo(cfg)
     assert not (tmp_path / "resumed" / "iter_000" / "model").exists()
     assert (tmp_path / "resumed" / "iter_000" / "checkpoints" / "step_2" / "optimizer.safetensors").is_file()
-    resumed = run_dpo_job(cfg)
+    resumed = run_dpo(cfg)
     a, b = _unet_weights(full), _unet_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -44,7 +50,7 @@ def test_resume_after_stop_gives_the_same_weights(tmp_path, data):
 def test_saved_model_loads_into_stable_diffusion_pipeline(tmp_path, data):
     from diffusers import StableDiffusionPipeline
 
-    model_dir = run_dpo_job(tiny_cfg(tmp_path, data, "pipe", steps=1, grad_accum=1))
+    model_dir = run_dpo(tiny_cfg(tmp_path, data, "pipe", steps=1, grad_accum=1))
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     out = pipe("w1 w2", num_inference_steps=2, height=16, width=16, output_type="np",
@@ -58,7 +64,7 @@ def test_saved_model_loads_into_stable_diffusion_pipeline(tmp_path, data):
 
 def test_sdxl_tiny_trains_with_pooled_and_time_ids(tmp_path, data):
     cfg = tiny_cfg(tmp_path, data, "sdxl", arch="tiny-sdxl", steps=2, grad_accum=1)
-    model_dir = run_dpo_job(cfg)
+    model_dir = run_dpo(cfg)
     import json
 
     metrics = json.loads((tmp_path / "sdxl" / "iter_000" / "metrics.json").read_text())
