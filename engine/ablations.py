@@ -27,7 +27,7 @@ import numpy as np
 
 from sail.engine.config import RunConfig, config_from_dict, config_to_dict
 from sail.engine.configtree import ConfigError, apply_overrides
-from sail.engine.io import atomic_write, write_json
+from sail.engine.io import atomic_write, link_tree, write_json
 from sail.engine.layout import RunLayout
 from sail.engine.manifest import Manifest
 
@@ -147,18 +147,7 @@ def _link_tree(src: Path, dst: Path) -> None:
     writes replace them), falling back to copies across file systems."""
     tmp = dst.with_name(dst.name + ".forking")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=link)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        link(src, tmp)
+    link_tree(src, tmp)
     os.replace(tmp, dst)
 
 

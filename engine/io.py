@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link a file (no bytes copied; safe because files are only ever replaced by atomic
+    writes, never rewritten in place), or copy it where a link cannot be made (another file
+    system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A folder (or one file) duplicated by ``link_or_copy``, file by file."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
+    else:
+        link_or_copy(src, dst)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

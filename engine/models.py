@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sail.engine.configtree import ConfigError
+from sail.engine.io import link_tree
 
 log = logging.getLogger(__name__)
 
@@ -288,20 +289,6 @@ def native_time_ids(size: int, n: int) -> torch.Tensor:
 # Saving
 # --------------------------------------------------------------------------------------------
 
-def _link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Hard-link files when possible (frozen components are large and never change)."""
-    for path in src.rglob("*"):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
-
-
 def save_model_folder(out: Path, unet_state: dict | None, unet_config: dict, comps: Components,
                       source: str | None) -> None:
     """Write a complete diffusers-format folder: the trained UNet (safetensors) plus the frozen
@@ -322,7 +309,7 @@ def save_model_folder(out: Path, unet_state: dict | None, unet_config: dict, com
             if sub.name == "unet":
                 continue
             if sub.is_dir():
-                _link_or_copy_tree(sub, tmp / sub.name)
+                link_tree(sub, tmp / sub.name)   # frozen parts: large, never changed
             else:
                 shutil.copy2(sub, tmp / sub.name)
     else:

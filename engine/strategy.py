@@ -36,6 +36,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATEST = "latest.json"   # {"tag": "step_N"}: the newest complete step checkpoint of a folder
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The tag of the newest complete checkpoint in ``folder`` (both strategies), or None."""
+    path = Path(folder) / LATEST
+    return read_json(path)["tag"] if path.is_file() else None
 
 
 def launched_distributed() -> bool:
@@ -146,16 +153,16 @@ class LocalStrategy(Strategy):
         write_json(tmp / "client_state.json", dict(client_state, micro=self._micro))
         shutil.rmtree(tag, ignore_errors=True)
         os.replace(tmp, tag)
-        write_json(folder / "latest.json", {"tag": tag.name})
+        write_json(folder / LATEST, {"tag": tag.name})
         _prune_checkpoints(folder, self.train.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> dict | None:
         from safetensors.torch import load_file
 
-        latest = Path(folder) / "latest.json"
-        if not latest.is_file():
+        tag = latest_checkpoint(folder)
+        if tag is None:
             return None
-        tag = Path(folder) / read_json(latest)["tag"]
+        tag = Path(folder) / tag
         self.policy.load_state_dict(load_file(tag / "model.safetensors", device=str(self.device)))
         state = optimizer_state_from_flat(load_file(tag / "optimizer.safetensors"), read_json(tag / "optimizer.json"))
         self.optimizer.load_state_dict(state)
@@ -273,15 +280,14 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder), tag=f"step_{step}", client_state=client_state)
         self.barrier()
         if self.is_main:
-            write_json(Path(folder) / "latest.json", {"tag": f"step_{step}"})
+            write_json(Path(folder) / LATEST, {"tag": f"step_{step}"})
             _prune_checkpoints(Path(folder), self.train.keep_checkpoints)
         self.barrier()
 
     def load_checkpoint(self, folder: Path) -> dict | None:
-        latest = Path(folder) / "latest.json"
-        if not latest.is_file():
+        tag = latest_checkpoint(folder)
+        if tag is None:
             return None
-        tag = read_json(latest)["tag"]
         path, client = self.engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"{folder}/{tag}: DeepSpeed could not load the checkpoint")

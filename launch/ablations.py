@@ -7,7 +7,6 @@ one --out (one table at the end: run --table-only once both are done).
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -33,7 +32,6 @@ def main(config_name, out, seeds, arms, variants, overrides, table_only):
     from sail.engine.ablations import parse_variant, read_base_config, run_arms, write_table
     from sail.engine.run import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(out)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]

@@ -2,20 +2,27 @@
 exit status 2."""
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
 import click
 
 
-def process_defaults() -> None:
+def process_defaults(threads: int | None = None) -> None:
     """Set before torch, DeepSpeed or any Hugging Face library does its work:
+    - log lines with time, level and module, at INFO;
     - no hub access at run time (models, data and scorers are local paths; bitsandbytes
       otherwise asks the hub for a CPU kernel at import): ``HF_HUB_OFFLINE=1`` unless set;
     - on a machine without CUDA, DeepSpeed's CPU accelerator (it must be chosen before
-      DeepSpeed is imported) and one share of the cores per local rank."""
+      DeepSpeed is imported) and one share of the cores per local rank;
+    - ``threads``: torch's CPU threads, when a tool's --threads asks for a number."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -6,7 +6,6 @@ Writes metrics.json and samples.png; everything lives in engine/toy/evaluate.py.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -39,16 +38,11 @@ def main(model_dir, out, data_dir, config_path, overrides, seeds_per_prompt, max
 
     from sail.launch.entry import process_defaults, user_input_errors
 
-    process_defaults()
-    import torch
-
+    process_defaults(threads)
     from sail.engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model
     from sail.engine.toy.scorers import world_scorer
     from sail.engine.toy.world import load_world_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threads:
-        torch.set_num_threads(threads)
     with user_input_errors(ValueError):   # ValueError: a scorer spec that does not load
         cfg = load_world_config(config_path, overrides)
         settings = EvalSettings.from_world(cfg)

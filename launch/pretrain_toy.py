@@ -6,7 +6,6 @@ engine/toy/pretrain.py.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -41,15 +40,10 @@ def main(out, steps, batch_size, lr, warmup_steps, ema_decay, empty_prompt_prob,
     """Pretrain the toy base model on rendered images and write a diffusers-format folder."""
     from sail.launch.entry import process_defaults, user_input_errors
 
-    process_defaults()
-    import torch
-
+    process_defaults(threads)
     from sail.engine.toy.model import ToyModelSpec
     from sail.engine.toy.pretrain import PretrainConfig, pretrain
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threads:
-        torch.set_num_threads(threads)
     with user_input_errors(ValueError):   # the dataclasses validate their fields with ValueError
         spec = ToyModelSpec(unet_channels=tuple(int(c) for c in unet_channels.split(",")), text_hidden=text_hidden)
         cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup_steps, steps),

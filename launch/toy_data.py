@@ -5,7 +5,6 @@ engine/toy/data.py. A valid folder is left untouched.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -30,15 +29,10 @@ def main(out, base_model, config_path, overrides, threads, progress):
     """Build the toy data folder if absent, incomplete or stale, and print its summary."""
     from sail.launch.entry import process_defaults, user_input_errors
 
-    process_defaults()
-    import torch
-
+    process_defaults(threads)
     from sail.engine.toy.data import describe, ensure_toy_data
     from sail.engine.toy.world import load_world_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threads:
-        torch.set_num_threads(threads)
     with user_input_errors():
         cfg = load_world_config(config_path, overrides)
     paths = ensure_toy_data(out, cfg, base_model, progress=progress)

@@ -5,7 +5,6 @@ Parses, validates, builds, runs, closes; everything else lives in engine/.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -31,7 +30,6 @@ def main(config_name, run_dir, overrides, stage, iteration, local_rank):
     from sail.engine.config import load_config
     from sail.engine.run import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     with user_input_errors():
         cfg = load_config(config_name, overrides)
