@@ -12,7 +12,8 @@ from setuptools import find_namespace_packages, setup
 FOLDERS = ("engine", "kernels", "launch", "bench", "configs")
 DATA_DIRS = ["*.__pycache__", "*.base_model*", "*.results"]   # shipped as package data, not packages
 PACKAGES = ["sail"] + [f"sail.{pkg}" for folder in FOLDERS
-                       for pkg in find_namespace_packages(include=[folder, f"{folder}.*"], exclude=DATA_DIRS)]
+                       for pkg in find_namespace_packages(include=[folder, f"{folder}.*"],
+                                                          exclude=DATA_DIRS)]
 
 setup(
     name="sail",

@@ -37,8 +37,8 @@ CHECKS = {
     "tiny SD1.5 DPO steps": [sys.executable, str(REPO / "launch/train.py"), "--config", "tiny_sd15.json"],
     "one SAIL iteration of the toy world": [
         sys.executable, str(REPO / "launch/train.py"), "--config", "toy_cpu.json", "--run-dir", "runs/sail",
-        *[a for kv in ["train.steps=3", "train.micro_batch_pairs=4", "sail.iterations=1", "sail.train_steps=3", "sail.candidates=2",
-                       "sail.rank_draws=2", "sail.sample_steps=2", "eval.enabled=false",
+        *[a for kv in ["train.steps=3", "train.micro_batch_pairs=4", "sail.iterations=1", "sail.train_steps=3",
+                       "sail.candidates=2", "sail.rank_draws=2", "sail.sample_steps=2", "eval.enabled=false",
                        *[f"toy.world.{w}" for w in SMALL_WORLD]] for a in ("--set", kv)]],
 }
 

@@ -99,7 +99,8 @@ class DataConfig:
         require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
         require(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be > 0")
         require(self.encode_batch_size > 0, "encode_batch_size", "must be > 0")
-        require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}")
+        require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction",
+                f"must be in [0, 1), got {self.max_bad_fraction}")
 
 
 @dataclass

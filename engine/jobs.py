@@ -16,7 +16,7 @@ from sail.engine.data.cache import TrainSet
 from sail.engine.data.encode import encode_pickapic
 from sail.engine.layout import RunLayout
 from sail.engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
-                           set_attention_backend)
+                                set_attention_backend)
 from sail.engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
 from sail.engine.strategy import DeepSpeedStrategy, Strategy, describe_strategy, make_strategy
 from sail.engine.trainer import StageResult, train_dpo, write_stage_metrics

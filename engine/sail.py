@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from sail.engine import hooks
 from sail.engine.config import SailConfig
-from sail.engine.data.cache import PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard, write_train_set
+from sail.engine.data.cache import (PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard,
+                                    write_train_set)
 from sail.engine.data.pickapic import DataError
 from sail.engine.io import read_json, write_json, write_parquet, write_safetensors
 from sail.engine.losses import implicit_reward

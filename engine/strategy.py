@@ -24,7 +24,7 @@ from torch import nn
 from sail.engine.config import DistributedConfig, TrainConfig
 from sail.engine.io import read_json, write_json, write_safetensors
 from sail.engine.optim import (build_lr_scheduler, build_optimizer, check_batch_arithmetic, deepspeed_config,
-                          reference_deepspeed_config)
+                               reference_deepspeed_config)
 
 log = logging.getLogger(__name__)
 

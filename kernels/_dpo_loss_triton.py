@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from sail.kernels._triton_rows import (FINALIZE_TILE, RowPlan, chunk_tile, row_totals,
-                                  stable_diff_partials, target_row)
+                                       stable_diff_partials, target_row)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ def make_tiny_model(folder, seed: int = 0):
     import torch
 
     from sail.engine.toy.model import (ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
-                                  save_toy_model)
+                                       save_toy_model)
 
     spec = ToyModelSpec(unet_channels=(8, 16, 16), text_hidden=16, text_layers=1)
     torch.manual_seed(seed)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sail.engine.toy.model import (ToyModelSpec, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
-                              load_toy_model, save_toy_model, tokenize)
+                                   load_toy_model, save_toy_model, tokenize)
 from sail.engine.toy.world import ToyWorldConfig, all_prompts, parse_prompt, render_batch, sample_layout
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from sail.engine.config import LoRAConfig, config_from_dict
 from sail.engine.lora import (LORA_DIR, LORA_WEIGHTS, add_lora, adapters_disabled, merge_lora_state, reference_forward,
-                         save_lora)
+                              save_lora)
 from sail.engine.models import build_components
 from tests.datagen import pickapic_rows, write_pickapic
 from tests.engine.test_optim import _free_port

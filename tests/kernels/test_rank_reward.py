@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sail.kernels.rank_reward import (RankRewardOutput, rank_reward, rank_reward_reference,
-                                 rank_reward_triton)
+                                      rank_reward_triton)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Outputs are fp32 reductions of exactly representable inputs: only summation order differs

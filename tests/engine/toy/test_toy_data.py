@@ -7,7 +7,7 @@ import pytest
 import sail.engine.toy.data as toy_data
 from sail.engine.data.images import decode_image
 from sail.engine.toy.data import (PromptSplits, check_disjoint, choose_pairs, ensure_toy_data, make_splits, read_splits,
-                             write_splits)
+                                  write_splits)
 from sail.engine.toy.oracle import size_and_centre_score
 from sail.engine.toy.world import ToyWorldConfig, all_prompts
 

@@ -3,7 +3,7 @@ import pytest
 
 from sail.engine.toy.metrics import classify_images, mean_and_se, prompt_fidelity, within_prompt_diversity
 from sail.engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, SHAPES, Layout, all_prompts, parse_prompt, render_prompts,
-                              sample_layout)
+                                   sample_layout)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sail.engine.toy.oracle import (EMPTY_SCORE, bradley_terry_labels, load_scorer, preference_probability,
-                               size_and_centre_score)
+                                    size_and_centre_score)
 from sail.engine.toy.vision import read_shapes
 from sail.engine.toy.world import PALETTE, render
 

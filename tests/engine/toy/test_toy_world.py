@@ -3,7 +3,7 @@ import pytest
 
 from sail.engine.toy.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, tokenize
 from sail.engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, PALETTE, SHAPES, ToyWorldConfig, all_prompts, coverage,
-                              load_world_config, parse_prompt, render, render_prompts, sample_layout)
+                                   load_world_config, parse_prompt, render, render_prompts, sample_layout)
 
 
 def test_vocabulary_and_prompts():
