@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sail.engine import hooks, sail
+from sail.engine import hooks, sail, seeds
 from sail.engine.config import RunConfig, config_to_dict
 from sail.engine.configtree import ConfigError
 from sail.engine.data.cache import PairCache, TrainSet
@@ -180,7 +180,7 @@ class Controller:
 
             cands = sail.Candidates(lay.candidates(i))
             pairs = sail.choose_pairs(pq.read_table(lay.rewards(i)).to_pydict(), self.cfg.sail.pairing,
-                                      self.cfg.seed + i)
+                                      seeds.pairing(self.cfg.seed, i))
             if self.cfg.toy.enabled:
                 pairs.update(candidate_diagnostics(cands, pairs, lay.diagnostics(i), self.cfg.toy.world.oracle))
             write_parquet(lay.pairs(i), pairs)
@@ -193,7 +193,7 @@ class Controller:
         lay = self.layout
         if self.strategy.is_main:
             n_gen, n_seed = len(PairCache(lay.pairs_cache(i))), len(PairCache(lay.seed_cache))
-            entries = sail.mix_pairs(n_gen, n_seed, self.cfg.sail.alpha, self.cfg.seed * 31 + i)
+            entries = sail.mix_pairs(n_gen, n_seed, self.cfg.sail.alpha, seeds.mixing(self.cfg.seed, i))
             sail.write_mix(lay.train_set(i), lay.seed_cache, lay.pairs_cache(i), entries)
             hooks.reached("mix")
         return [lay.train_set(i)]
@@ -206,7 +206,7 @@ class Controller:
             cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
         ref = self.model(i - 1) if i == 0 else self.model({"previous": i - 1, "anchor": 0,
                                                                 "base": -1}[self.cfg.sail.train_reference])
-        run_dpo_stage(cfg, self.model(i - 1), train_set, self.it_dir(i), seed=self.cfg.seed + 1000 * i,
+        run_dpo_stage(cfg, self.model(i - 1), train_set, self.it_dir(i), seed=seeds.stage_training(self.cfg.seed, i),
                       tag=f"iter{i}", reference_model=ref)
         return [self.layout.model(i)]
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from sail.engine import hooks
+from sail.engine import hooks, seeds as run_seeds
 from sail.engine.config import SailConfig
 from sail.engine.data.cache import (PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard,
                                     write_train_set)
@@ -35,14 +35,6 @@ from sail.engine.losses import implicit_reward
 from sail.engine.models import encode_prompts, load_components, load_unet, native_time_ids, vae_scale_factor
 
 log = logging.getLogger(__name__)
-
-
-def _seed(*parts: int) -> int:
-    """A 62-bit seed from integers (iteration, prompt, candidate, ...), stable across runs."""
-    value = 0
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2 ** 62)
-    return value
 
 
 @dataclass
@@ -127,7 +119,7 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
             enc.to(device)
         cond = encode_prompts(comps.text_encoders, comps.tokenizers, [prompts[p] for p in mine])
         uncond = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
-        seeds = [_seed(seed, iteration, p, n) for p in mine for n in range(cfg.candidates)]
+        seeds = [run_seeds.candidate(seed, iteration, p, n) for p in mine for n in range(cfg.candidates)]
         side = int(comps.unet.config.sample_size)
         added = added_u = None
         if cond.pooled is not None:   # SDXL: generated at the native size, no crop
@@ -237,7 +229,7 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
         for j, p in enumerate(tqdm(mine, desc="rank", disable=rank != 0, mininterval=2)):
             latents, hidden, pooled = cands.of_prompt(p)
             reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
-                                             draws=cfg.rank_draws, beta=beta, seed=_seed(seed, iteration, p, 99),
+                                             draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
                                              batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir))
             rows["prompt_idx"] += [p] * len(reward)
             rows["cand"] += list(range(len(reward)))
@@ -286,7 +278,7 @@ def choose_pairs(rewards: dict, pairing: str, seed: int) -> dict:
         if pairing == "best_worst":
             w, l = int(rs.argmax()), int(rs.argmin())
         else:
-            rng = np.random.default_rng(_seed(seed, p, 7))
+            rng = np.random.default_rng(run_seeds.random_pair(seed, p))
             a, b = rng.choice(len(items), size=2, replace=False)
             w, l = (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
         out["prompt_idx"].append(p)

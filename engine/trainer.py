@@ -20,7 +20,7 @@ from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_json
 from sail.engine.losses import dpo_loss
 from sail.engine.lora import reference_forward
-from sail.engine import hooks
+from sail.engine import hooks, seeds
 from sail.engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class PairSchedule:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            gen = torch.Generator().manual_seed(seeds.pair_order(self.seed, epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=gen)}
         return self._perms[epoch]
 
@@ -60,7 +60,7 @@ class PairSchedule:
         """timesteps [b] long, noise [b, *latent_shape], empty-prompt mask [b] bool."""
         ts, noise, empty = [], [], []
         for p in positions:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 65_537 + p)
+            gen = torch.Generator().manual_seed(seeds.pair_draw(self.seed, step, p))
             ts.append(torch.randint(0, self.num_timesteps, (1,), generator=gen))
             empty.append(torch.rand(1, generator=gen) < self.empty_prob)
             noise.append(torch.randn((1, *latent_shape), generator=gen))

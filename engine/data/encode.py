@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sail.engine import seeds
 from sail.engine.config import DataConfig
 from sail.engine.data.cache import PairBatch, finalize_cache, is_complete, shard_done, write_empty_prompt, write_shard
 from sail.engine.data.images import prepare_pair
@@ -42,8 +43,9 @@ def default_resolution(comps: Components) -> int:
 def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resolution: int, seed: int,
                   shard: int) -> tuple[PairBatch | None, list[str], list[str], LoadReport]:
     report = LoadReport(kept=len(refs))
-    rng = np.random.default_rng([seed, shard])
-    gen = torch.Generator().manual_seed(seed * 100003 + shard)
+    np_seed, torch_seed = seeds.encode_shard(seed, shard)
+    rng = np.random.default_rng(np_seed)
+    gen = torch.Generator().manual_seed(torch_seed)
     pixels, origs, crops, captions, sources = [], [], [], [], []
     if cfg.decoder == "dali":
         from sail.engine.data.dali import prepare_shard_dali

@@ -144,20 +144,13 @@ class ToyModel:
 
 
 def load_toy_model(folder: str | os.PathLike) -> ToyModel:
-    """Load the four components of a toy (or any SD1.5-style, VAE-less) model folder."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    """The four components of a toy (or any SD1.5-style, VAE-less) model folder, frozen and in
+    eval mode, through the engine's one loader (``engine.models.load_components``)."""
+    from sail.engine.models import load_components   # lazy: models -> config -> toy.world
 
-    folder = Path(folder)
-    if not (folder / "unet").is_dir():
-        raise FileNotFoundError(f"{folder}: not a model folder (no unet/)")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True).eval()
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    unet.requires_grad_(False)
-    text.requires_grad_(False)
-    return ToyModel(unet, text, tok, sched, folder)
+    comps = load_components(folder, with_vae=False)
+    unet = comps.unet.eval().requires_grad_(False)
+    return ToyModel(unet, comps.text_encoders[0], comps.tokenizers[0], comps.noise_scheduler, Path(folder))
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
