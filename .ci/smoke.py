@@ -29,7 +29,7 @@ for name in ("sail.engine", "sail.kernels", "sail.launch", "sail.bench"):
 print("imported every module")
 """
 SMALL_WORLD = ["num_seed_prompts=8", "images_per_seed_prompt=4", "seed_pairs_per_prompt=2", "full_multiplier=1",
-               "pool_prompts=8", "num_eval_prompts=8", "sample_steps=2"]
+               "pool_prompts=8", "num_eval_prompts=8", "sampling.steps=2"]
 CHECKS = {
     "import every module": [sys.executable, "-c", IMPORT_ALL],
     "toy data (Pick-a-Pic schema)": [sys.executable, str(REPO / "launch/toy_data.py"), "--out", "runs/toy_data",
@@ -38,7 +38,7 @@ CHECKS = {
     "one SAIL iteration of the toy world": [
         sys.executable, str(REPO / "launch/train.py"), "--config", "toy_cpu.json", "--run-dir", "runs/sail",
         *[a for kv in ["train.steps=3", "train.micro_batch_pairs=4", "sail.iterations=1", "sail.train_steps=3",
-                       "sail.candidates=2", "sail.rank_draws=2", "sail.sample_steps=2", "eval.enabled=false",
+                       "sail.candidates=2", "sail.rank_draws=2", "sail.sampling.steps=2", "eval.enabled=false",
                        *[f"toy.world.{w}" for w in SMALL_WORLD]] for a in ("--set", kv)]],
 }
 

@@ -1,18 +1,20 @@
 """The run configuration: a tree of small dataclasses, JSON on disk, validated on load.
 
 Each component receives its own sub-config (``ModelConfig`` to the model loader,
-``TrainConfig`` to the trainer, ...), never the root. ``load_config`` resolves a config name
+``TrainConfig`` to the trainer, ...), never the root. The run's world (engine/worlds.py) may own
+a section named after it (``"toy": {...}``): built from the world's dataclass at load, held as
+``RunConfig.world_settings``, written back under its name. ``load_config`` resolves a config name
 (working directory first, then the repository's ``configs/``), applies ``--set`` overrides and
 reports any unknown key, wrong type or out-of-range value with the file and the key.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sail.engine.configtree import ConfigError, apply_overrides, build_dataclass, read_json, require, to_dict
-from sail.engine.toy.world import ToyWorldConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/, or sail/configs installed
 
@@ -134,11 +136,38 @@ class SchedulerConfig:
 
 
 @dataclass
+class LossConfig:
+    """The training objective (docs/method.md, Objectives; kernels/dpo_loss.py). Every option is
+    a function of the per-row errors the fused kernel already reduces."""
+
+    name: Literal["dpo", "dpo_sft", "dpop"] = "dpo"
+    """dpo: Diffusion-DPO; dpo_sft: + gamma x the winners' denoising error (DPO + NLL, Pang et al.
+    2024); dpop: the DPO-Positive hinge on the winners (Pal et al. 2024)."""
+    gamma: float = 0.0
+    """dpo_sft: weight of mean_pairs e_theta(winner)."""
+    lam: float = 0.0
+    """dpop: weight of max(0, e_theta(w) - e_ref(w)) inside the DPO margin."""
+
+    def __post_init__(self):
+        require(self.gamma >= 0 and self.lam >= 0, "gamma", "gamma and lam must be >= 0")
+        require(self.name == "dpo_sft" or self.gamma == 0, "gamma", f"only with name dpo_sft (name is {self.name})")
+        require(self.name == "dpop" or self.lam == 0, "lam", f"only with name dpop (name is {self.name})")
+        require(self.name != "dpo_sft" or self.gamma > 0, "gamma", "dpo_sft needs gamma > 0")
+        require(self.name != "dpop" or self.lam > 0, "lam", "dpop needs lam > 0")
+
+    def kernel_weights(self) -> dict:
+        """The keyword arguments of ``engine.losses.dpo_loss``."""
+        return {"sft_weight": self.gamma, "hinge_weight": self.lam}
+
+
+@dataclass
 class TrainConfig:
     """One Diffusion-DPO training stage."""
 
     beta: float = 5000.0
     """DPO temperature, calibrated to the per-sample mean error (docs/method.md, Diffusion-DPO)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective: Diffusion-DPO, or DPO with a winner-preserving term."""
     steps: int = 2000
     """Optimizer steps."""
     micro_batch_pairs: int = 1
@@ -190,6 +219,26 @@ class DistributedConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How images are drawn (SAIL candidates, the toy world's data and evaluation): the one
+    home of the sampler settings."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    """Scheduler built from the model's own scheduler config (DDIM with eta 0, or DDPM)."""
+    steps: int = 20
+    """Denoising steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance ``eps_u + w (eps_c - eps_u)``; 1 skips the unconditional pass."""
+    batch_size: int = 64
+    """Images per sampling batch (conditional + unconditional rows go through the UNet together)."""
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.guidance_scale >= 1.0, "guidance_scale", f"must be >= 1, got {self.guidance_scale}")
+
+
+@dataclass
 class SailConfig:
     """The self-amplified loop (docs/method.md, SAIL); also OnlineDPO (ranking by a scorer)."""
 
@@ -197,14 +246,11 @@ class SailConfig:
     """SAIL iterations after iteration 0 (DPO on the seed pairs)."""
     prompt_files: list[str] = field(default_factory=list)
     """One prompt file per iteration (text: one prompt a line; parquet: a caption column).
-    Ignored in the toy world, whose pools come from its splits."""
+    Read by the pickapic world; the toy world's pools come from its splits."""
     candidates: int = 8
     """N: candidates generated per prompt."""
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = 20
-    guidance_scale: float = 7.5
-    sample_batch_size: int = 64
-    """Images per sampling batch (conditional + unconditional rows go through the UNet together)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the candidates are drawn."""
     rank_draws: int = 10
     """K: (t, noise) draws per prompt, shared by its N candidates."""
     rank_reference: Literal["base", "anchor", "previous"] = "base"
@@ -216,7 +262,8 @@ class SailConfig:
     alpha: float = 0.25
     """Fraction of generated pairs in an iteration's training set (1: no mixup)."""
     external_scorer: str = "oracle"
-    """online_dpo: scorer name (see engine.toy.scorers) or module:function ranking the candidates."""
+    """online_dpo: scorer name (engine/scorers.py; the toy world's "oracle" is its
+    toy.world.oracle) or module:function ranking the candidates."""
     train_steps: int | None = None
     """Optimizer steps per iteration (None: train.steps)."""
     lr: float | None = None
@@ -224,6 +271,8 @@ class SailConfig:
     resets the DPO reference to the previous model, so its steps add up across iterations."""
     beta: float | None = None
     """DPO beta of the iterations' training (None: train.beta); ranking uses train.beta."""
+    loss: LossConfig | None = None
+    """Objective of the iterations' training (None: train.loss)."""
     train_reference: Literal["previous", "anchor", "base"] = "previous"
     """DPO reference of the iterations' training: the model it starts from (the paper), the
     iteration-0 model, or the base model (a fixed KL anchor: the drift cannot compound)."""
@@ -235,22 +284,8 @@ class SailConfig:
         require(self.candidates >= 2, "candidates", f"must be >= 2 to form a pair, got {self.candidates}")
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
         require(0.0 < self.alpha <= 1.0, "alpha", f"must be in (0, 1], got {self.alpha}")
-        require(self.sample_steps >= 1 and self.sample_batch_size >= 1 and self.rank_batch_size >= 1,
-                "sample_steps", "sample_steps, sample_batch_size and rank_batch_size must be >= 1")
-        require(self.guidance_scale >= 1.0, "guidance_scale", "must be >= 1")
+        require(self.rank_batch_size >= 1, "rank_batch_size", "must be >= 1")
         require(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
-
-
-@dataclass
-class ToyConfig:
-    """The embedded toy world: data built from the shipped base model, pools from its splits."""
-
-    enabled: bool = False
-    data_dir: str = "runs/toy_data"
-    """Where the toy preference sets and splits are built (once; reused while valid)."""
-    preference_set: Literal["seed", "full"] = "seed"
-    """seed: the small human-labelled set; full: 16x the labels (the all-labels baseline)."""
-    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 
 @dataclass
@@ -259,9 +294,10 @@ class EvalConfig:
 
     enabled: bool = True
     prompt_files: list[str] = field(default_factory=list)
-    """Held-out prompts of real models (checked disjoint from the pools); the toy world uses its split."""
+    """Held-out prompts of the pickapic world (checked disjoint from the pools); the toy world
+    uses its split."""
     seeds_per_prompt: int | None = None
-    """Images per prompt (None: the toy world's eval_seeds_per_prompt)."""
+    """Images per prompt (None: the world's default, e.g. toy.world.eval_seeds_per_prompt)."""
     evaluate_base: bool = True
     """Also evaluate the base model (the first row of the report)."""
 
@@ -284,8 +320,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sail: SailConfig = field(default_factory=SailConfig)
-    toy: ToyConfig = field(default_factory=ToyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    world: str = "pickapic"
+    """Where data, prompt pools, evaluation and ground truth come from (engine/worlds.py):
+    pickapic (the user's files) or toy (the embedded toy world, configured in its "toy" section)."""
+    world_settings: Any = None
+    """The world's own section, built at load (not a key of its own in the JSON file)."""
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
@@ -310,20 +350,44 @@ def load_config(name: str, overrides: list[str] = ()) -> RunConfig:
     """Load, override and validate a config file; errors name the file and the key."""
     path = find_config(name)
     data = apply_overrides(read_json(path), list(overrides), str(path))
-    return build_dataclass(RunConfig, data, str(path))
+    return config_from_dict(data, str(path))
 
 
 def config_from_dict(data: dict, where: str = "<dict>") -> RunConfig:
-    """Build a validated RunConfig from a plain dict (tests, resolved configs)."""
-    return build_dataclass(RunConfig, data, where)
+    """Build a validated RunConfig from a plain dict; the world's section by the world's dataclass."""
+    from sail.engine.worlds import WORLDS, world_class
+
+    data = dict(data)
+    if "world_settings" in data:
+        raise ConfigError(f"{where}: unknown key 'world_settings' (a world's settings go in the section named after it)")
+    name = data.get("world", "pickapic")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: world: expected a string, got {name!r}")
+    cls = world_class(name, where)
+    for other in WORLDS:
+        if other != name and other in data:
+            raise ConfigError(f"{where}: {other}: the section of world {other!r}, but this run's world is {name!r} "
+                              f"(set world: {other!r}, or remove the section)")
+    settings = None
+    if cls.settings_class is not None:
+        raw = data.pop(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: {name}: expected an object, got {raw!r}")
+        settings = build_dataclass(cls.settings_class, raw, where, name)
+    return dataclasses.replace(build_dataclass(RunConfig, data, where), world_settings=settings)
 
 
-def config_to_dict(cfg) -> dict:
-    return to_dict(cfg)
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The JSON-able dict of a run config, the world's settings under the world's name."""
+    data = to_dict(cfg)
+    settings = data.pop("world_settings")
+    if settings is not None:
+        data[cfg.world] = settings
+    return data
 
 
 __all__ = [
-    "ConfigError", "LoRAConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
-    "TrainConfig", "DistributedConfig", "SailConfig", "ToyConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
+    "ConfigError", "LoRAConfig", "LossConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
+    "TrainConfig", "DistributedConfig", "SamplingConfig", "SailConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
     "config_to_dict", "find_config", "CONFIG_DIR",
 ]

@@ -4,7 +4,9 @@ Kept apart from the config classes themselves (engine/config.py) so that any com
 declare its own dataclass and have it embedded in the tree without knowing about JSON.
 A dataclass validates its own values in ``__post_init__`` by raising ``ValueError`` whose
 message starts with the field name (``"lr: must be > 0"``); the loader prefixes the file and
-the full key path.
+the full key path. A nested field whose default is not its class's defaults (the toy world's
+sampling: CFG 1.5, not 7.5) is marked ``metadata=OVERLAY``: a partial section in the file
+changes only the keys it names, on top of that default.
 """
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ from sail.engine.errors import InputError
 
 class ConfigError(InputError):
     """A config file, key or value is wrong; the message names the file and the key."""
+
+
+OVERLAY = {"overlay": True}   # field metadata: a partial section overlays the field's default
+
+
+def _overlay(base: dict, value: dict) -> dict:
+    out = dict(base)
+    for k, v in value.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -94,6 +106,9 @@ def build_dataclass(cls: type, data: dict, where: str = "<dict>", prefix: str = 
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(fields))})")
+        f = fields[name]
+        if f.metadata.get("overlay") and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            value = _overlay(to_dict(f.default_factory()), value)
         kwargs[name] = _convert(value, hints[name], key, where)
     try:
         return cls(**kwargs)
@@ -147,6 +162,14 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """``cls`` from an optional JSON file of its fields plus ``KEY=VALUE`` overrides: the
+    ``--config FILE --set KEY=VALUE`` of the launch scripts. Errors name the file and the key."""
+    data = read_json(Path(path)) if path else {}
+    where = str(path) if path else f"<{cls.__name__} defaults>"
+    return build_dataclass(cls, apply_overrides(data, list(overrides), where), where)
 
 
 def require(cond: bool, field: str, msg: str) -> None:

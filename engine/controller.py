@@ -20,13 +20,14 @@ from sail.engine import hooks, sail, seeds
 from sail.engine.config import RunConfig, config_to_dict
 from sail.engine.configtree import ConfigError
 from sail.engine.data.cache import PairCache, TrainSet
-from sail.engine.diagnostics import candidate_diagnostics, evaluate_iteration, write_report
+from sail.engine.diagnostics import write_report
 from sail.engine.io import write_json
 from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage
 from sail.engine.layout import RunLayout
 from sail.engine.models import vae_scale_factor
 from sail.engine.manifest import Manifest
-from sail.engine.strategy import Strategy, make_strategy
+from sail.engine.ranks import Ranks, init_ranks
+from sail.engine.worlds import World, make_world
 
 log = logging.getLogger(__name__)
 ITERATION0 = ("encode", "train", "evaluate")                           # in order; STAGE_TABLE below
@@ -42,66 +43,29 @@ class Plan:
     eval_prompts: list[str]
 
 
-def make_plan(cfg: RunConfig, strategy: Strategy) -> tuple[RunConfig, Plan]:
-    """Resolve data and prompt pools (building the toy data once); check the pools are disjoint."""
-    base = base_model_dir(cfg, strategy)
-    if cfg.toy.enabled:
-        from sail.engine.toy.data import ensure_toy_data, read_splits
-
-        if strategy.is_main:
-            ensure_toy_data(cfg.toy.data_dir, cfg.toy.world, base, progress=True)
-        strategy.barrier()
-        paths = ensure_toy_data(cfg.toy.data_dir, cfg.toy.world, base)
-        splits = read_splits(paths.splits)
-        data_file = paths.seed if cfg.toy.preference_set == "seed" else paths.full
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=[str(data_file)]))
-        pools, eval_prompts = splits.pools[:cfg.sail.iterations], splits.eval
-        _check_disjoint(pools, eval_prompts, "toy.data_dir splits")
-    else:
-        pools, eval_prompts = read_prompt_pools(cfg)
-    return cfg, Plan(base, pools, eval_prompts)
-
-
-def read_prompt_pools(cfg: RunConfig) -> tuple[list[list[str]], list[str]]:
-    """A real-model run's prompt pools (one file per SAIL iteration) and evaluation prompts,
-    checked: enough pools, every file readable and non-empty, no prompt in two sets."""
-    iterative = cfg.method in ("sail", "online_dpo")
-    if iterative and len(cfg.sail.prompt_files) < cfg.sail.iterations:
-        raise ConfigError(f"sail.prompt_files: {cfg.sail.iterations} iterations need {cfg.sail.iterations} "
-                          f"prompt files, got {len(cfg.sail.prompt_files)}")
-    files = cfg.sail.prompt_files[:cfg.sail.iterations] if iterative else []
-    pools = [sail.read_prompt_file(f, "sail.prompt_files") for f in files]
-    eval_prompts = [p for f in cfg.eval.prompt_files for p in sail.read_prompt_file(f, "eval.prompt_files")]
-    _check_disjoint(pools, eval_prompts, "sail.prompt_files / eval.prompt_files")
-    return pools, eval_prompts
-
-
-def _check_disjoint(pools: list[list[str]], eval_prompts: list[str], where: str) -> None:
-    from sail.engine.toy.data import check_disjoint
-
-    named = {f"pool_{i + 1}": p for i, p in enumerate(pools)}
-    if eval_prompts:
-        named["eval"] = eval_prompts
-    try:
-        check_disjoint(named)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+def make_plan(cfg: RunConfig, world: World, ranks: Ranks) -> tuple[RunConfig, Plan]:
+    """The base model, and the world's data (``data.train`` becomes the world's files) and prompts."""
+    base = base_model_dir(cfg, ranks)
+    data = world.prepare(ranks, base)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data.train))
+    return cfg, Plan(base, data.pools, data.eval_prompts)
 
 
 class Controller:
     """Runs the stages of a run directory in order, skipping those the manifest records."""
 
     def __init__(self, cfg: RunConfig):
-        self.strategy = make_strategy(cfg.train, cfg.distributed)   # rank, world, barrier
-        self.cfg, self.plan = make_plan(cfg, self.strategy)
+        self.ranks = init_ranks(cfg.distributed)     # once per process; each train stage builds its engine on it
+        self.world = make_world(cfg)
+        self.cfg, self.plan = make_plan(cfg, self.world, self.ranks)
         self.layout = RunLayout.of(cfg)
         self.run_dir = self.layout.root
-        # Real models have no scorer wired in yet: their evaluate stages are not run, and not
-        # recorded as done, so a resumed run evaluates once scorers exist.
-        self.evaluates = cfg.eval.enabled and cfg.toy.enabled
+        # A world without scorers (real models, until learned scorers are wired in) does not run
+        # its evaluate stages, nor record them as done: a resumed run evaluates once it can.
+        self.evaluates = cfg.eval.enabled and self.world.evaluates
         if cfg.eval.enabled and not self.evaluates:
-            log.warning("evaluation: no scorer is wired in for real models yet; evaluate stages are not run")
-        if self.strategy.is_main:
+            log.warning("evaluation: world %r has no scorer wired in yet; evaluate stages are not run", cfg.world)
+        if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.layout.config, config_to_dict(self.cfg))
 
@@ -123,66 +87,57 @@ class Controller:
             for i in range(1, self.cfg.sail.iterations + 1):
                 for name in STAGES:
                     self._stage(i, name)
-        if self.strategy.is_main:
+        if self.ranks.is_main:
             write_report(self.run_dir, self.cfg)
-        self.strategy.barrier()
+        self.ranks.barrier()
         return self.layout.report
 
     def _stage(self, i: int, name: str, force: bool = False) -> None:
         if name == "evaluate" and not self.evaluates:
             if force:
-                raise ConfigError("--stage evaluate: this run evaluates nothing (eval.enabled is false, or a "
-                                  "real model: no scorer is wired in yet)")
+                raise ConfigError(f"--stage evaluate: this run evaluates nothing (eval.enabled is false, or world "
+                                  f"{self.cfg.world!r} has no scorer wired in yet)")
             return
         # Rank 0 decides and tells the others: a rank that read the manifest after rank 0 had
         # finished and recorded a fast stage would skip it, and its barriers, and desync.
-        done = self.strategy.broadcast_object(Manifest(self.run_dir).done(i, name) if self.strategy.is_main else None)
+        done = self.ranks.broadcast_object(Manifest(self.run_dir).done(i, name) if self.ranks.is_main else None)
         if done and not force:
             return
         t0 = time.perf_counter()
         log.info("iteration %d: %s", i, name)
         outputs = STAGE_TABLE[name].run(self, i)
-        if self.strategy.is_main:
+        if self.ranks.is_main:
             Manifest(self.run_dir).record(i, name, [str(o) for o in outputs], time.perf_counter() - t0)
-        self.strategy.barrier()
+        self.ranks.barrier()
 
     # ---- the stages: each returns its outputs (recorded in the manifest) -----------------------
-    def _dist(self) -> dict:
-        s = self.strategy
-        return {"rank": s.rank, "world": s.world_size, "device": s.device, "barrier": s.barrier}
-
     def encode(self, i: int) -> list:
-        return [encode_seed_pairs(self.cfg, self.strategy, self.plan.base_model)]
+        return [encode_seed_pairs(self.cfg, self.ranks, self.plan.base_model)]
 
     def generate(self, i: int) -> list:
         return [sail.generate_candidates(self.model(i - 1), self.plan.pools[i - 1], self.cfg.sail,
-                                         self.layout.candidates(i), seed=self.cfg.seed, iteration=i, **self._dist())]
+                                         self.layout.candidates(i), seed=self.cfg.seed, iteration=i, ranks=self.ranks)]
 
     def rank(self, i: int) -> list:
         cands, out = sail.Candidates(self.layout.candidates(i)), self.layout.rewards(i)
         if self.cfg.method == "online_dpo":
-            from sail.engine.toy.scorers import world_scorer
-
-            if self.strategy.is_main:
-                scorer = world_scorer(self.cfg.sail.external_scorer, self.cfg.toy.world.oracle)
-                sail.score_candidates_external(cands, scorer, out)
+            if self.ranks.is_main:
+                sail.score_candidates_external(cands, self.world.scorer(self.cfg.sail.external_scorer), out)
             return [out]
         ref = {"base": -1, "anchor": 0, "previous": i - 2}[self.cfg.sail.rank_reference]
         return [sail.rank_candidates(cands, self.model(i - 1), self.model(ref), self.cfg.sail, self.cfg.train.beta,
-                                     out, seed=self.cfg.seed, iteration=i, **self._dist())]
+                                     out, seed=self.cfg.seed, iteration=i, ranks=self.ranks)]
 
     def pair(self, i: int) -> list:
         lay = self.layout
-        if self.strategy.is_main:
+        if self.ranks.is_main:
             import pyarrow.parquet as pq
 
             from sail.engine.io import write_parquet
 
-            cands = sail.Candidates(lay.candidates(i))
-            pairs = sail.choose_pairs(pq.read_table(lay.rewards(i)).to_pydict(), self.cfg.sail.pairing,
-                                      seeds.pairing(self.cfg.seed, i))
-            if self.cfg.toy.enabled:
-                pairs.update(candidate_diagnostics(cands, pairs, lay.diagnostics(i), self.cfg.toy.world.oracle))
+            cands, rewards = sail.Candidates(lay.candidates(i)), pq.read_table(lay.rewards(i)).to_pydict()
+            pairs = sail.choose_pairs(rewards, self.cfg.sail.pairing, seeds.pairing(self.cfg.seed, i))
+            pairs.update(self.world.diagnose(cands, rewards, pairs, lay.diagnostics(i)))
             write_parquet(lay.pairs(i), pairs)
             hooks.reached("pair")
             sail.build_pair_cache(cands, pairs, PairCache(lay.seed_cache), lay.pairs_cache(i),
@@ -191,7 +146,7 @@ class Controller:
 
     def mix(self, i: int) -> list:
         lay = self.layout
-        if self.strategy.is_main:
+        if self.ranks.is_main:
             n_gen, n_seed = len(PairCache(lay.pairs_cache(i))), len(PairCache(lay.seed_cache))
             entries = sail.mix_pairs(n_gen, n_seed, self.cfg.sail.alpha, seeds.mixing(self.cfg.seed, i))
             sail.write_mix(lay.train_set(i), lay.seed_cache, lay.pairs_cache(i), entries)
@@ -206,14 +161,14 @@ class Controller:
             cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
         ref = self.model(i - 1) if i == 0 else self.model({"previous": i - 1, "anchor": 0,
                                                                 "base": -1}[self.cfg.sail.train_reference])
-        run_dpo_stage(cfg, self.model(i - 1), train_set, self.it_dir(i), seed=seeds.stage_training(self.cfg.seed, i),
+        run_dpo_stage(cfg, self.ranks, self.model(i - 1), train_set, self.it_dir(i), seed=seeds.stage_training(self.cfg.seed, i),
                       tag=f"iter{i}", reference_model=ref)
         return [self.layout.model(i)]
 
     def evaluate(self, i: int) -> list:
         out = self.layout.eval_dir(i)
-        if self.strategy.is_main:
-            evaluate_iteration(self.cfg, self.model(i), self.plan.eval_prompts, out)
+        if self.ranks.is_main:
+            self.world.evaluate(self.model(i), self.plan.eval_prompts, out)
             hooks.reached("evaluate")
         return [out]
 
@@ -236,7 +191,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("rank", Controller.rank, "iter_i/candidates/, model i-1 and the ranking reference (or a scorer)",
           "iter_i/rewards.parquet"),
     Stage("pair", Controller.pair, "iter_i/rewards.parquet, iter_i/candidates/",
-          "iter_i/pairs.parquet, iter_i/pairs_cache/ (+ diagnostics.json in the toy world)"),
+          "iter_i/pairs.parquet, iter_i/pairs_cache/ (+ diagnostics.json where the world has a ground truth)"),
     Stage("mix", Controller.mix, "iter_i/pairs_cache/, cache/seed/", "iter_i/train_set.parquet"),
     Stage("train", Controller.train, "cache/seed/ (i = 0) or iter_i/train_set.parquet; model i-1; the DPO reference",
           "iter_i/model/, iter_i/metrics.json"),
@@ -246,11 +201,11 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
 
 
 def iteration_train_config(cfg: RunConfig):
-    """cfg.train with the SAIL iterations' overrides (steps, lr, beta) applied."""
+    """cfg.train with the SAIL iterations' overrides (steps, lr, beta, loss) applied."""
     s, t = cfg.sail, cfg.train
     optimizer = dataclasses.replace(t.optimizer, lr=s.lr) if s.lr is not None else t.optimizer
     return dataclasses.replace(t, steps=s.train_steps or t.steps, beta=s.beta if s.beta is not None else t.beta,
-                               optimizer=optimizer)
+                               optimizer=optimizer, loss=s.loss if s.loss is not None else t.loss)
 
 
 def run_controller(cfg: RunConfig, stage: str | None = None, iteration: int | None = None) -> Path:

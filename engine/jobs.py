@@ -1,7 +1,8 @@
 """Stages shared by the methods: base model, pre-encoding of the seed pairs, one DPO stage.
 
-Each function takes what it needs and a strategy; the controller decides the order, the
-folders and the manifest records.
+Each function takes what it needs and the process's ``Ranks``; the controller decides the
+order, the folders and the manifest records. A DPO stage builds its own training engine
+(``make_strategy``) on those ranks and closes it at the end.
 """
 from __future__ import annotations
 
@@ -18,44 +19,44 @@ from sail.engine.layout import RunLayout
 from sail.engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                                 set_attention_backend)
 from sail.engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
-from sail.engine.strategy import DeepSpeedStrategy, Strategy, describe_strategy, make_strategy
+from sail.engine.ranks import Ranks
+from sail.engine.strategy import DeepSpeedStrategy, describe_strategy, make_strategy
 from sail.engine.trainer import StageResult, train_dpo, write_stage_metrics
 
 log = logging.getLogger(__name__)
 
 
-def base_model_dir(cfg: RunConfig, strategy: Strategy) -> str:
+def base_model_dir(cfg: RunConfig, ranks: Ranks) -> str:
     """The model folder the run starts from: ``model.path``, or ``model.arch`` built with random
     weights and saved once into the run directory (so every stage loads models from disk)."""
     if cfg.model.path:
         return str(check_model_folder(cfg.model.resolved_path()))
     folder = RunLayout.of(cfg).base_model
-    if strategy.is_main and not (folder / "model_index.json").is_file():
+    if ranks.is_main and not (folder / "model_index.json").is_file():
         comps = build_components(cfg.model.arch, cfg.seed)
         save_model_folder(folder, None, dict(comps.unet.config), comps, source=None)
         # save_model_folder rebuilt the UNet from its config: write the seeded weights instead
         comps.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    strategy.barrier()
+    ranks.barrier()
     return str(folder)
 
 
-def encode_seed_pairs(cfg: RunConfig, strategy: Strategy, model_dir: str) -> Path:
+def encode_seed_pairs(cfg: RunConfig, ranks: Ranks, model_dir: str) -> Path:
     """Pre-encode ``data.train`` with the base model's VAE and text encoder(s) (rank-parallel)."""
     cache_dir = RunLayout.of(cfg).seed_cache
     comps = load_components(model_dir)
     for module in [comps.vae, *comps.text_encoders]:
         if module is not None:
-            module.to(strategy.device)
-    encode_pickapic(cfg.data, comps, cache_dir, seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size,
-                    barrier=strategy.barrier)
+            module.to(ranks.device)
+    encode_pickapic(cfg.data, comps, cache_dir, seed=cfg.seed, ranks=ranks)
     return cache_dir
 
 
-def run_dpo_stage(cfg: RunConfig, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
+def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
                   tag: str = "dpo", reference_model: str | None = None) -> StageResult:
     """DPO from ``init_model`` against ``reference_model`` (default: the init model); writes
     ``out_dir/model`` and ``out_dir/metrics.json``."""
-    strategy = make_strategy(cfg.train, cfg.distributed)
+    strategy = make_strategy(cfg.train, cfg.distributed, ranks)
     comps = load_components(init_model, with_text=False, with_vae=False)
     use_lora = cfg.model.lora.rank > 0
     reference_model = reference_model or init_model

@@ -21,16 +21,19 @@ from sail.kernels.rank_reward import RankRewardOutput
 from sail.kernels.rank_reward import rank_reward as _fused_rank_reward
 
 
-def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DPOLossOutput:
-    """Diffusion-DPO loss.
+def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, *,
+             sft_weight: float = 0.0, hinge_weight: float = 0.0) -> DPOLossOutput:
+    """Diffusion-DPO loss, with the optional winner-preserving terms of ``kernels.dpo_loss``.
 
     model_pred, ref_pred: [2P, C, H, W] laid out [winners; losers]; target: [2P, C, H, W]
     (per sample) or [P, C, H, W] (noise shared by the pair).
     ``z = -beta/2 * ((e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l)))``,
     ``loss = mean_pairs(-log sigmoid(z))``; implicit accuracy = mean(z > 0).
-    Returns the loss and per-pair z, per-row policy and reference errors (detached).
+    ``hinge_weight`` lam (DPOP): ``z_h = -beta/2 (d_w - d_l + lam max(0, d_w))`` in the loss;
+    ``sft_weight`` gamma (DPO + NLL): ``loss += gamma mean_pairs e_theta(w)``.
+    Returns the loss and per-pair z (the DPO margin), per-row policy and reference errors (detached).
     """
-    return _fused_dpo_loss(model_pred, ref_pred, target, beta)
+    return _fused_dpo_loss(model_pred, ref_pred, target, beta, sft_weight=sft_weight, hinge_weight=hinge_weight)
 
 
 def implicit_reward(cur_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,

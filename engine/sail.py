@@ -33,6 +33,7 @@ from sail.engine.data.pickapic import DataError
 from sail.engine.io import read_json, write_json, write_parquet, write_safetensors
 from sail.engine.losses import implicit_reward
 from sail.engine.models import encode_prompts, load_components, load_unet, native_time_ids, vae_scale_factor
+from sail.engine.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +97,16 @@ def read_prompt_file(path: str, key: str = "prompt file") -> list[str]:
 # generate
 # --------------------------------------------------------------------------------------------
 
-def _scheduler(comps, name: str):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    cls = DDIMScheduler if name == "ddim" else DDPMScheduler
-    return cls.from_config(comps.noise_scheduler.config)
-
-
 @torch.no_grad()
 def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
-                        iteration: int, rank: int, world: int, device, barrier) -> Path:
+                        iteration: int, ranks: Ranks) -> Path:
     """N candidates per prompt from ``model_dir``; each rank writes its own shard."""
-    from sail.engine.sampling import sample_latents
+    from sail.engine.sampling import sample_latents, sampling_scheduler
 
     out.mkdir(parents=True, exist_ok=True)
-    shard_file = out / f"cand_r{rank:03d}.safetensors"
-    mine = list(range(rank, len(prompts), world))
+    device = ranks.device
+    shard_file = out / f"cand_r{ranks.rank:03d}.safetensors"
+    mine = list(range(ranks.rank, len(prompts), ranks.world_size))
     if not shard_file.is_file() and mine:
         comps = load_components(model_dir, with_vae=False)
         comps.unet.to(device).eval()
@@ -127,22 +122,23 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
             added = {"text_embeds": cond.pooled.repeat_interleave(cfg.candidates, 0),
                      "time_ids": tids.expand(len(seeds), 6)}
             added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
-        latents = sample_latents(comps.unet, _scheduler(comps, cfg.sampler),
+        sampling = cfg.sampling
+        latents = sample_latents(comps.unet, sampling_scheduler(comps.noise_scheduler, sampling.sampler),
                                  cond.hidden.repeat_interleave(cfg.candidates, 0), uncond.hidden, seeds,
-                                 num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                 num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
                                  latent_shape=(comps.unet.config.in_channels, side, side),
-                                 batch_size=cfg.sample_batch_size, added_cond=added, added_uncond=added_u,
-                                 progress=rank == 0)
+                                 batch_size=sampling.batch_size, added_cond=added, added_uncond=added_u,
+                                 progress=ranks.is_main)
         tensors = {"latents": latents.float().cpu(), "hidden": cond.hidden.half().cpu(),
                    "prompt_ids": torch.tensor(mine), "seeds": torch.tensor(seeds, dtype=torch.int64)}
         if cond.pooled is not None:
             tensors["pooled"] = cond.pooled.float().cpu()
         hooks.reached("generate")
         write_safetensors(shard_file, tensors)
-    barrier()
-    if rank == 0:
-        _merge_candidates(out, prompts, cfg.candidates, world)
-    barrier()
+    ranks.barrier()
+    if ranks.is_main:
+        _merge_candidates(out, prompts, cfg.candidates, ranks.world_size)
+    ranks.barrier()
     return out
 
 
@@ -217,16 +213,16 @@ def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, b
 
 
 def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path, *,
-                    seed: int, iteration: int, rank: int, world: int, device, barrier) -> Path:
+                    seed: int, iteration: int, ranks: Ranks) -> Path:
     """Self-ranking: implicit reward of every candidate (current model vs ranking reference)."""
-    part = out.parent / f".rewards_r{rank:03d}.parquet"
-    mine = list(range(rank, len(cands.prompts), world))
+    part = out.parent / f".rewards_r{ranks.rank:03d}.parquet"
+    mine = list(range(ranks.rank, len(cands.prompts), ranks.world_size))
     if not part.is_file():
         comps = load_components(cur_dir, with_text=False, with_vae=False)
-        cur = comps.unet.to(device).eval()
-        ref = load_unet(ref_dir).to(device).eval()
+        cur = comps.unet.to(ranks.device).eval()
+        ref = load_unet(ref_dir).to(ranks.device).eval()
         rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
-        for j, p in enumerate(tqdm(mine, desc="rank", disable=rank != 0, mininterval=2)):
+        for j, p in enumerate(tqdm(mine, desc="rank", disable=not ranks.is_main, mininterval=2)):
             latents, hidden, pooled = cands.of_prompt(p)
             reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
                                              draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
@@ -238,12 +234,12 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
             if j == len(mine) // 2:
                 hooks.reached("rank")
         write_parquet(part, rows)
-    barrier()
-    if rank == 0:
-        tables = [pq.read_table(out.parent / f".rewards_r{r:03d}.parquet") for r in range(world)
+    ranks.barrier()
+    if ranks.is_main:
+        tables = [pq.read_table(out.parent / f".rewards_r{r:03d}.parquet") for r in range(ranks.world_size)
                   if (out.parent / f".rewards_r{r:03d}.parquet").is_file()]
         write_parquet(out, pa.concat_tables(tables).sort_by([("prompt_idx", "ascending"), ("cand", "ascending")]))
-    barrier()
+    ranks.barrier()
     return out
 
 

@@ -38,6 +38,14 @@ def _cfg_inputs(cond, uncond, added_cond, added_uncond, rows: slice, n: int, use
     return hidden, added
 
 
+def sampling_scheduler(noise_scheduler, sampler: str):
+    """The sampler (``ddim``: DDIM, eta 0; ``ddpm``) built from a model's own scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    return cls.from_config(noise_scheduler.config)
+
+
 def _initial_noise(generators: list[torch.Generator], latent_shape: Sequence[int]) -> torch.Tensor:
     """One draw per sample from its own generator (CPU, float32): [n, *latent_shape]."""
     return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators])

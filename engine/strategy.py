@@ -12,6 +12,7 @@ load_checkpoint, policy_state_dict, all_reduce_mean, barrier, is_main, close.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from sail.engine.config import DistributedConfig, TrainConfig
 from sail.engine.io import read_json, write_json, write_safetensors
 from sail.engine.optim import (build_lr_scheduler, build_optimizer, check_batch_arithmetic, deepspeed_config,
                                reference_deepspeed_config)
+from sail.engine.ranks import Ranks, init_ranks
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +47,39 @@ def latest_checkpoint(folder: str | os.PathLike) -> str | None:
     return read_json(path)["tag"] if path.is_file() else None
 
 
-def launched_distributed() -> bool:
-    """True when started by torchrun / the deepspeed launcher (they set LOCAL_RANK)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 class Strategy:
-    """Shared bookkeeping; subclasses implement the distribution-specific verbs."""
+    """Shared bookkeeping; subclasses implement the distribution-specific verbs. Rank, world
+    size, device and the collectives are the process's ``Ranks`` (engine/ranks.py)."""
 
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device
+    ranks: Ranks
     compute_dtype: torch.dtype = torch.float32
     policy: nn.Module
     reference: nn.Module | None
 
     @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ranks.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.ranks.is_main
 
     def barrier(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        self.ranks.barrier()
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor)
-            tensor /= self.world_size
-        return tensor
+        return self.ranks.all_reduce_mean(tensor)
 
     def broadcast_object(self, obj):
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        return self.ranks.broadcast_object(obj)
 
     def close(self) -> None:
         pass
@@ -95,9 +94,9 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
 class LocalStrategy(Strategy):
     """One process, plain torch; gradient accumulation and clipping done here."""
 
-    def __init__(self, train: TrainConfig, dist: DistributedConfig, device: torch.device | None = None):
+    def __init__(self, train: TrainConfig, dist: DistributedConfig, ranks: Ranks | None = None):
         self.train, self.dist = train, dist
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ranks = ranks or init_ranks(dataclasses.replace(dist, backend="local"))
         self.precision = resolve_precision(train.precision, self.device)
         self.compute_dtype = DTYPES[self.precision]
         self._micro = 0
@@ -214,25 +213,10 @@ def optimizer_state_from_flat(tensors: dict, meta: dict) -> dict:
 class DeepSpeedStrategy(Strategy):
     """DeepSpeed engines for the policy (with optimizer) and, under ZeRO-3, the reference."""
 
-    def __init__(self, train: TrainConfig, dist: DistributedConfig):
-        import deepspeed
-
+    def __init__(self, train: TrainConfig, dist: DistributedConfig, ranks: Ranks | None = None):
         self.train, self.dist = train, dist
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu and os.environ.get("SAIL_DS_SHM", "0") != "1":
-            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up: minutes
-            # on a 2-core machine, and a compile killed half-way leaves a lock that hangs the
-            # next start. Plain gloo is enough off the GPU; SAIL_DS_SHM=1 turns it back on.
-            import deepspeed.ops
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
-        if not on_cpu:
-            torch.cuda.set_device(self.device)
+        self.ranks = ranks or init_ranks(dataclasses.replace(dist, backend="deepspeed"))
+        on_cpu = self.device.type == "cpu"
         self.precision = resolve_precision(train.precision, self.device)
         self.compute_dtype = DTYPES[self.precision]
         self.ds_config = deepspeed_config(train, dist, self.world_size, self.precision, on_cpu)
@@ -318,17 +302,13 @@ class DeepSpeedStrategy(Strategy):
         return contextlib.nullcontext()
 
 
-def make_strategy(train: TrainConfig, dist: DistributedConfig) -> Strategy:
-    """``backend: auto`` picks DeepSpeed under a distributed launcher, else the local strategy."""
-    backend = dist.backend
-    if backend == "auto":
-        backend = "deepspeed" if launched_distributed() else "local"
-    if backend == "deepspeed":
-        for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-            os.environ.setdefault(key, default)
-        return DeepSpeedStrategy(train, dist)
-    return LocalStrategy(train, dist)
+def make_strategy(train: TrainConfig, dist: DistributedConfig, ranks: Ranks | None = None) -> Strategy:
+    """The training engine of one stage on the process's ranks: DeepSpeed when the process
+    group is DeepSpeed's (``backend: auto`` under a distributed launcher), else local."""
+    ranks = ranks or init_ranks(dist)
+    if ranks.backend == "deepspeed":
+        return DeepSpeedStrategy(train, dist, ranks)
+    return LocalStrategy(train, dist, ranks)
 
 
 def describe_strategy(strategy: Strategy) -> str:

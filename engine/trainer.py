@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sail.engine.config import TrainConfig
+from sail.engine.config import LossConfig, TrainConfig
 from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_json
 from sail.engine.losses import dpo_loss
@@ -74,7 +74,8 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.Tensor, noise: torch.Tensor,
-                empty: torch.Tensor, empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, beta: float):
+                empty: torch.Tensor, empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, beta: float,
+                objective: LossConfig | None = None):
     """Policy and reference predictions on [winners; losers] with shared t and noise; the loss."""
     dev, dtype = strategy.device, strategy.compute_dtype
     latents = torch.cat([batch.latents_w, batch.latents_l]).to(dev)
@@ -95,7 +96,7 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
         model_pred = strategy.policy(x_in, t2, **kwargs).sample
         with torch.no_grad():   # LoRA mode: no reference model, the policy with adapters off
             ref_pred = reference_forward(strategy.policy, strategy.reference, x_in, t2, **kwargs).sample
-    return dpo_loss(model_pred, ref_pred, target, beta)
+    return dpo_loss(model_pred, ref_pred, target, beta, **(objective.kernel_weights() if objective else {}))
 
 
 def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: TrainSet, run_dir: Path, *,
@@ -125,7 +126,7 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
             batch = train_set.load(schedule.pairs(step, positions))
             t, noise, empty = schedule.draws(step, positions, latent_shape)
             out = dpo_forward(strategy, noise_scheduler, batch, t, noise, empty, train_set.empty_hidden,
-                              train_set.empty_pooled, cfg.beta)
+                              train_set.empty_pooled, cfg.beta, cfg.loss)
             strategy.backward(out.loss)
             strategy.step()
             w, l = out.model_err.chunk(2), out.ref_err.chunk(2)

@@ -16,6 +16,14 @@ Gradient.  With D the row length, P the number of pairs and g the incoming grad 
     d loss / d p_lj = -beta sigmoid(-z) (p_lj - t_lj) / (D P)      (loser row)
 
 so the backward pass needs one fp32 coefficient per row, ``coef = +-beta sigmoid(-z) / (D P)``.
+
+Winner-preserving terms (``kernels.dpo_loss``) are functions of the same per-row sums, and
+d e_theta / d p_j = 2 (p_j - t_j) / D has the shape of d d / d p_j, so they change only the
+finalize's coefficients, never the passes:
+
+    hinge (DPOP):  z_h = -beta/2 (d_w - d_l + lam max(0, d_w))
+                   coef_w = beta sigmoid(-z_h) (1 + lam [d_w > 0]) / (D P),  coef_l as above
+    winner SFT:    loss += gamma mean_pairs e_theta(w),  coef_w += 2 gamma / (D P)
 """
 import torch
 import triton
@@ -50,8 +58,8 @@ def _store_row_means(dst_ptr, part_ptr, w, l, mask, n_chunks, inv_d, BLOCK_P: tl
 @triton.jit
 def _dpo_finalize_kernel(
     part_ptr, z_ptr, model_err_ptr, ref_err_ptr, coef_ptr, loss_ptr,
-    pairs, n_chunks, inv_d, half_beta,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    pairs, n_chunks, inv_d, half_beta, sft_weight, hinge_weight,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SFT: tl.constexpr, HAS_HINGE: tl.constexpr,
 ):
     """One program: reduce the [3, 2P, chunks] partial sums and apply the per-pair math.
 
@@ -65,12 +73,22 @@ def _dpo_finalize_kernel(
         l = w + pairs                      # their losers
         d_w = row_totals(part_ptr, w, m, n_chunks, BLOCK_P, BLOCK_C) * inv_d
         d_l = row_totals(part_ptr, l, m, n_chunks, BLOCK_P, BLOCK_C) * inv_d
-        z = -half_beta * (d_w - d_l)
-        loss_acc += tl.where(m, _softplus(-z), 0.0)    # -log sigmoid(z) = softplus(-z)
+        z = -half_beta * (d_w - d_l)                   # the DPO margin (logged as z)
+        z_loss = z
+        if HAS_HINGE:
+            z_loss = -half_beta * (d_w - d_l + hinge_weight * tl.maximum(d_w, 0.0))
+        loss_acc += tl.where(m, _softplus(-z_loss), 0.0)    # -log sigmoid(z) = softplus(-z)
         # coef = beta * sigmoid(-z) / (D * P), + for the winner, - for the loser (module doc).
-        coef = 2.0 * half_beta * tl.sigmoid(-z) * inv_d / pairs
+        coef = 2.0 * half_beta * tl.sigmoid(-z_loss) * inv_d / pairs
+        coef_w = coef
+        if HAS_HINGE:
+            coef_w = coef * (1.0 + tl.where(d_w > 0.0, hinge_weight, 0.0))
+        if HAS_SFT:
+            e_w = row_totals(part_ptr + plane, w, m, n_chunks, BLOCK_P, BLOCK_C) * inv_d
+            loss_acc += tl.where(m, sft_weight * e_w, 0.0)
+            coef_w += 2.0 * sft_weight * inv_d / pairs
         tl.store(z_ptr + w, z, mask=m)
-        tl.store(coef_ptr + w, coef, mask=m)
+        tl.store(coef_ptr + w, coef_w, mask=m)
         tl.store(coef_ptr + l, -coef, mask=m)
         # e_theta and e_ref of winners and losers, reported for logging.
         _store_row_means(model_err_ptr, part_ptr + plane, w, l, m, n_chunks, inv_d, BLOCK_P, BLOCK_C)
@@ -106,8 +124,10 @@ def _dpo_grad_kernel(
         tl.store(g_row + cols, (c * (p - t)).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: float, plan: RowPlan):
-    """Pass 1 + finalize.  p2, r2: [2P, D]; t2: [2P, D] or [P, D] (shared by a pair).
+def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: float, plan: RowPlan,
+                sft_weight: float = 0.0, hinge_weight: float = 0.0):
+    """Pass 1 + finalize.  p2, r2: [2P, D]; t2: [2P, D] or [P, D] (shared by a pair);
+    ``sft_weight`` (gamma) and ``hinge_weight`` (lam): the winner-preserving terms, 0 = off.
 
     Returns (loss [], z [P], model_err [2P], ref_err [2P], coef [2P]), all fp32."""
     rows, n_cols = p2.shape
@@ -125,7 +145,8 @@ def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: floa
     block_p = max(2, min(triton.next_power_of_2(pairs), FINALIZE_TILE // block_c))
     _dpo_finalize_kernel[(1,)](
         part, z, model_err, ref_err, coef, loss, pairs, plan.chunks, 1.0 / n_cols, 0.5 * beta,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        float(sft_weight), float(hinge_weight), BLOCK_P=block_p, BLOCK_C=block_c,
+        HAS_SFT=sft_weight != 0, HAS_HINGE=hinge_weight != 0, num_warps=4)
     return loss, z, model_err, ref_err, coef
 
 

@@ -13,6 +13,22 @@ With ``e_m(x) = mean_S (target - pred_m)^2``:
 
 The difference form avoids the catastrophic cancellation of ``e_theta - e_ref`` when the
 policy starts equal to the reference (bf16 errors agree to ~3 digits).
+
+Winner-preserving terms (both 0 by default, and then the loss is plain DPO bit for bit). Plain
+Diffusion-DPO can raise the policy's error on winners and losers alike (Diffusion-SDPO,
+arXiv 2511.03317; docs/sail_toy.md measures it on the toy world); two published remedies,
+functions of the same per-row sums:
+
+    hinge_weight lam  (DPOP, Pal et al., "Smaug: Fixing Failure Modes of Preference
+                       Optimisation with DPO-Positive", arXiv 2402.13228, in the
+                       diffusion form where log-ratio_w = -beta/2 d_w):
+                       z_h  = -beta/2 (d_w - d_l + lam max(0, d_w)),  loss = mean -log sigmoid(z_h)
+    sft_weight gamma  (DPO + NLL on the winners, Pang et al., "Iterative Reasoning Preference
+                       Optimization", arXiv 2404.19733; the NLL of a diffusion model is
+                       its denoising error):
+                       loss += gamma mean_pairs e_theta(w)
+
+``z`` returned is always the DPO margin ``-beta/2 (d_w - d_l)`` (implicit accuracy, logs).
 """
 from __future__ import annotations
 
@@ -54,7 +70,7 @@ def _check_layout(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torc
 
 
 def dpo_loss_reference(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
-                       beta: float) -> DPOLossOutput:
+                       beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0) -> DPOLossOutput:
     """PyTorch reference of the fused kernel (fp32 arithmetic whatever the input dtype)."""
     pairs = _check_layout(model_pred, ref_pred, target)
     p = model_pred.float().flatten(1)
@@ -63,8 +79,12 @@ def dpo_loss_reference(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     if t.shape[0] == pairs:
         t = torch.cat([t, t])
     diff = ((p - r) * (p + r - 2 * t)).mean(1)            # e_theta - e_ref, stable form
-    z = -0.5 * beta * (diff[:pairs] - diff[pairs:])
-    loss = -F.logsigmoid(z).mean()
+    d_w, d_l = diff[:pairs], diff[pairs:]
+    z = -0.5 * beta * (d_w - d_l)
+    z_loss = -0.5 * beta * (d_w - d_l + hinge_weight * d_w.clamp_min(0)) if hinge_weight else z
+    loss = -F.logsigmoid(z_loss).mean()
+    if sft_weight:
+        loss = loss + sft_weight * (p[:pairs] - t[:pairs]).pow(2).mean(1).mean()
     with torch.no_grad():
         model_err = (p.detach() - t).pow(2).mean(1)
         ref_err = (r - t).pow(2).mean(1)
@@ -86,13 +106,13 @@ class _FusedDPOLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, beta, block, programs):
+    def forward(ctx, model_pred, ref_pred, target, beta, sft_weight, hinge_weight, block, programs):
         rows = model_pred.shape[0]
         p2 = model_pred.detach().contiguous().view(rows, -1)
         r2 = ref_pred.detach().contiguous().view(rows, -1)
         t2 = target.detach().contiguous().view(target.shape[0], -1)
         plan = _plan_rows(rows, p2.shape[1], p2.device, block, programs)
-        loss, z, model_err, ref_err, coef = _triton_impl.dpo_forward(p2, r2, t2, beta, plan)
+        loss, z, model_err, ref_err, coef = _triton_impl.dpo_forward(p2, r2, t2, beta, plan, sft_weight, hinge_weight)
         ctx.mark_non_differentiable(z, model_err, ref_err)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(p2, t2, coef)
@@ -105,11 +125,11 @@ class _FusedDPOLoss(torch.autograd.Function):
         p2, t2, coef = ctx.saved_tensors
         grad = _triton_impl.dpo_backward(p2, t2, coef, grad_loss.float(), ctx.plan)
         # ref_pred and target are constants of the loss: no gradient (as in the reference).
-        return grad.view(ctx.pred_shape), None, None, None, None, None
+        return grad.view(ctx.pred_shape), None, None, None, None, None, None, None
 
 
 def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
-                    beta: float, *, block: int | None = None,
+                    beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0, block: int | None = None,
                     programs: int | None = None) -> DPOLossOutput:
     """Fused Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as
     :func:`dpo_loss_reference`.
@@ -120,6 +140,7 @@ def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: to
         d_i  = mean_S (p_theta - p_ref)(p_theta + p_ref - 2 target)       (fp32)
         z    = -beta/2 (d_w - d_l),   loss = mean_pairs -log sigmoid(z)
 
+    ``sft_weight`` / ``hinge_weight``: the winner-preserving terms of the module docstring.
     Returns ``DPOLossOutput(loss [], z [P], model_err [2P], ref_err [2P])`` in fp32; only
     ``loss`` is differentiable, and only w.r.t. ``model_pred``.  ``block`` (tile size) and
     ``programs`` (wanted grid size) override the launch heuristics, for tests.
@@ -129,16 +150,18 @@ def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: to
     _check_layout(model_pred, ref_pred, target)
     if model_pred[0].numel() == 0:
         raise ValueError(f"empty rows: model_pred {tuple(model_pred.shape)}")
-    return DPOLossOutput(*_FusedDPOLoss.apply(model_pred, ref_pred, target, float(beta), block, programs))
+    return DPOLossOutput(*_FusedDPOLoss.apply(model_pred, ref_pred, target, float(beta), float(sft_weight),
+                                              float(hinge_weight), block, programs))
 
 
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
-             beta: float) -> DPOLossOutput:
+             beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0) -> DPOLossOutput:
     """Public entry point: the fused Triton kernel on CUDA tensors, the reference elsewhere.
 
     Shapes and equation as in :func:`dpo_loss_triton` / the module docstring.
     """
     on_cuda = model_pred.is_cuda and ref_pred.is_cuda and target.is_cuda
+    terms = dict(sft_weight=sft_weight, hinge_weight=hinge_weight)
     if on_cuda and _triton_impl is not None:
-        return dpo_loss_triton(model_pred, ref_pred, target, beta)
-    return dpo_loss_reference(model_pred, ref_pred, target, beta)
+        return dpo_loss_triton(model_pred, ref_pred, target, beta, **terms)
+    return dpo_loss_reference(model_pred, ref_pred, target, beta, **terms)

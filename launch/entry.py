@@ -33,6 +33,18 @@ def process_defaults(threads: int | None = None) -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
 
 
+def config_options(cls_name: str):
+    """``--config FILE`` (a JSON object of ``cls_name``'s fields) and ``--set KEY=VALUE``
+    (repeatable; dotted keys reach nested dataclasses): the one way a launch script takes the
+    settings of a dataclass, read with ``engine.configtree.load_dataclass``."""
+    def wrap(fn):
+        fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help=f"Override a {cls_name} field (value parsed as JSON), e.g. --set steps=100.")(fn)
+        return click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                            help=f"JSON file of {cls_name} fields (default: its defaults).")(fn)
+    return wrap
+
+
 class UserInputError(click.ClickException):
     """Printed by click as ``Error: <message>`` on stderr; the process exits with status 2."""
 

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from sail.launch.entry import config_options  # noqa: E402
+
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "engine" / "toy" / "base_model"
 
 
@@ -20,9 +22,7 @@ DEFAULT_BASE = Path(__file__).resolve().parents[1] / "engine" / "toy" / "base_mo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Data folder to build or check.")
 @click.option("--base-model", default=str(DEFAULT_BASE), type=click.Path(file_okay=False),
               help="Base model folder whose samples make the pairs.")
-@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="JSON file of ToyWorldConfig fields (default: the defaults).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a ToyWorldConfig field.")
+@config_options("ToyWorldConfig")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar while sampling.")
 def main(out, base_model, config_path, overrides, threads, progress):
@@ -30,11 +30,12 @@ def main(out, base_model, config_path, overrides, threads, progress):
     from sail.launch.entry import process_defaults, user_input_errors
 
     process_defaults(threads)
+    from sail.engine.configtree import load_dataclass
     from sail.engine.toy.data import describe, ensure_toy_data
-    from sail.engine.toy.world import load_world_config
+    from sail.engine.toy.world import ToyWorldConfig
 
     with user_input_errors():
-        cfg = load_world_config(config_path, overrides)
+        cfg = load_dataclass(ToyWorldConfig, config_path, overrides)
     paths = ensure_toy_data(out, cfg, base_model, progress=progress)
     click.echo(describe(paths))
 

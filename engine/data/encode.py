@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from sail.engine.data.images import prepare_pair
 from sail.engine.data.pickapic import DataError, LoadReport, PairRef, iter_pair_images, scan_pickapic
 from sail.engine.io import read_json
 from sail.engine.models import Components, encode_prompts, sdxl_time_ids
+from sail.engine.ranks import Ranks, single_process
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,14 @@ def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resol
     return batch, captions, sources, report
 
 
-def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *, seed: int = 0, rank: int = 0,
-                    world_size: int = 1, barrier: Callable[[], None] = lambda: None, shard_size: int = 256,
-                    progress: bool = True) -> Path:
+def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *, seed: int = 0,
+                    ranks: Ranks | None = None, shard_size: int = 256, progress: bool = True) -> Path:
     """Encode ``cfg.train`` into ``cache_dir`` (no-op when already complete); returns the folder.
 
     Every rank validates all files first (cheap columns only), so bad data fails before any
     image is decoded; then each rank encodes its shards; rank 0 writes the index and meta.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir, ranks = Path(cache_dir), ranks or single_process()
     if is_complete(cache_dir):
         return cache_dir
     refs, report = scan_pickapic(cfg.train, cfg.max_pairs, max_bad_fraction=cfg.max_bad_fraction, strict=cfg.strict)
@@ -96,8 +95,8 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
     resolution = cfg.resolution or default_resolution(comps)
     cache_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (len(refs) + shard_size - 1) // shard_size
-    mine = [s for s in range(num_shards) if s % world_size == rank and not shard_done(cache_dir, s)]
-    for shard in tqdm(mine, desc="pre-encode", disable=not progress or rank != 0):
+    mine = [s for s in range(num_shards) if s % ranks.world_size == ranks.rank and not shard_done(cache_dir, s)]
+    for shard in tqdm(mine, desc="pre-encode", disable=not progress or not ranks.is_main):
         part = refs[shard * shard_size:(shard + 1) * shard_size]
         batch, captions, sources, shard_report = _encode_shard(comps, part, cfg, resolution, seed, shard)
         if cfg.strict and shard_report.undecodable:
@@ -106,10 +105,10 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
             raise DataError(f"data.train: shard {shard}: no decodable pair ({shard_report.summary()})")
         write_shard(cache_dir, shard, batch, captions, sources,
                     {"undecodable": shard_report.undecodable, "ids": shard_report.undecodable_ids})
-    if rank == 0:
+    if ranks.is_main:
         empty = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
         write_empty_prompt(cache_dir, empty.hidden.cpu(), None if empty.pooled is None else empty.pooled.cpu())
-    barrier()
+    ranks.barrier()
     # Every rank tallies the shards' skipped pairs, so that all of them refuse too-bad data
     # together (one rank raising alone would leave the others waiting at the next barrier).
     for shard in range(num_shards):
@@ -120,12 +119,12 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
         report.undecodable += extra
         report.kept -= extra
     report.check_bad_fraction(cfg.max_bad_fraction)
-    if rank == 0:
+    if ranks.is_main:
         if report.undecodable:
             log.warning("skipped %d pairs with undecodable images (first: %s)", report.undecodable,
                         ", ".join(report.undecodable_ids))
         meta = {"version": 1, "kind": comps.kind, "resolution": resolution, "pixel_space": comps.vae is None,
                 "report": report.__dict__, "sources": list(cfg.train)}
         finalize_cache(cache_dir, num_shards, meta)
-    barrier()
+    ranks.barrier()
     return cache_dir

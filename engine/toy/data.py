@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from sail.engine.io import read_json, write_json, write_parquet
+from sail.engine.scorers import load_scorer
+from sail.engine.worlds import check_disjoint
 from sail.engine.toy.model import load_toy_model, sample_images
-from sail.engine.toy.oracle import bradley_terry_labels, load_scorer
+from sail.engine.toy.oracle import bradley_terry_labels
 from sail.engine.toy.world import ToyWorldConfig, all_prompts
 
 log = logging.getLogger(__name__)
@@ -60,21 +62,6 @@ class PromptSplits:
         if not 1 <= iteration <= len(self.pools):
             raise ValueError(f"iteration: must be in 1..{len(self.pools)}, got {iteration}")
         return self.pools[iteration - 1]
-
-
-def check_disjoint(splits: dict[str, list[str]]) -> None:
-    """Raise ValueError naming the two splits and an example prompt if any two overlap
-    (or a split repeats a prompt)."""
-    names = list(splits)
-    for i, a in enumerate(names):
-        if len(set(splits[a])) != len(splits[a]):
-            dup = next(p for p in splits[a] if splits[a].count(p) > 1)
-            raise ValueError(f"split {a!r} lists prompt {dup!r} more than once")
-        for b in names[i + 1:]:
-            shared = set(splits[a]) & set(splits[b])
-            if shared:
-                raise ValueError(f"splits {a!r} and {b!r} share {len(shared)} prompt(s), e.g. {sorted(shared)[0]!r}; "
-                                 "never train on the prompts you evaluate on")
 
 
 def make_splits(cfg: ToyWorldConfig) -> PromptSplits:
@@ -240,8 +227,7 @@ def build_toy_data(out_dir: str | os.PathLike, cfg: ToyWorldConfig, base_model_d
     prompts = [p for p in splits.seed for _ in range(n_img)]
     seeds = np.array([image_seed(cfg.seed, 1, k, j) for k in range(len(splits.seed)) for j in range(n_img)])
     model = load_toy_model(base_model_dir)
-    images = sample_images(model, prompts, seeds, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                           batch_size=cfg.sample_batch_size, progress=progress)
+    images = sample_images(model, prompts, seeds, cfg.sampling, progress=progress)
     scores = np.asarray(load_scorer(cfg.oracle)(images, prompts), dtype=np.float64)
     cols = _pair_rows(splits.seed, images, scores, seeds, cfg)
     rank = np.array(cols["_rank"])

@@ -2,25 +2,26 @@
 
 Writes ``metrics.json`` (per-scorer mean and standard error, prompt fidelity and its
 sub-rates, within-prompt diversity, counts, sampling settings) and a sample grid PNG.
-The default protocol: every eval prompt x 10 seeds, DDIM 20 steps, CFG 3.0.
+The default protocol: every eval prompt x 10 seeds, DDIM 20 steps, CFG 1.5.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from sail.engine.config import SamplingConfig
 from sail.engine.io import atomic_write, write_json
 from sail.engine.toy.data import image_seed, make_splits, read_splits
 from sail.engine.toy.metrics import mean_and_se, prompt_fidelity, within_prompt_diversity
 from sail.engine.toy.model import load_toy_model, sample_images
-from sail.engine.toy.scorers import get_scorer
-from sail.engine.toy.world import ToyWorldConfig
+from sail.engine.toy.scorers import world_scorer
+from sail.engine.toy.world import DEFAULT_ORACLE, ToyWorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +34,20 @@ class EvalSettings:
 
     seeds_per_prompt: int = 10
     """Images per prompt, seeds fixed by (world seed, prompt index, image index)."""
-    num_steps: int = 20
-    """DDIM steps."""
-    guidance_scale: float = 1.5
-    """Classifier-free guidance scale."""
-    batch_size: int = 512
-    """Images per UNet batch."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.5, batch_size=512))
+    """Sampler, steps, guidance and batch (the world's)."""
     world_seed: int = 0
     """Seed of the evaluation image seeds (the same for every model compared)."""
     grid_prompts: int = 12
     """Rows of the sample grid (first prompts), each showing up to 8 seeds."""
 
     def __post_init__(self):
-        for name in ("seeds_per_prompt", "num_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.guidance_scale < 1:
-            raise ValueError(f"guidance_scale: must be >= 1, got {self.guidance_scale}")
+        if self.seeds_per_prompt < 1:
+            raise ValueError(f"seeds_per_prompt: must be >= 1, got {self.seeds_per_prompt}")
 
     @classmethod
     def from_world(cls, cfg: ToyWorldConfig) -> "EvalSettings":
-        return cls(seeds_per_prompt=cfg.eval_seeds_per_prompt, num_steps=cfg.sample_steps,
-                   guidance_scale=cfg.guidance_scale, batch_size=cfg.sample_batch_size, world_seed=cfg.seed)
+        return cls(seeds_per_prompt=cfg.eval_seeds_per_prompt, sampling=cfg.sampling, world_seed=cfg.seed)
 
 
 def eval_prompts(cfg: ToyWorldConfig, data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -108,15 +101,14 @@ def evaluate_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
     write ``out_dir/metrics.json`` and ``out_dir/samples.png``; returns the metrics."""
     start = time.time()
     settings = settings or EvalSettings()
-    scorers = scorers if scorers is not None else {"oracle": get_scorer("oracle")}
+    scorers = scorers if scorers is not None else {"oracle": world_scorer("oracle", DEFAULT_ORACLE)}
     model = load_toy_model(model_dir)
     k = settings.seeds_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [image_seed(settings.world_seed, EVAL_STREAM, i, j) for i in range(len(prompts)) for j in range(k)]
-    images = sample_images(model, all_prompts, seeds, num_steps=settings.num_steps,
-                           guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=progress)
+    images = sample_images(model, all_prompts, seeds, settings.sampling, progress=progress)
     metrics = score_images(images, all_prompts, scorers)
-    metrics.update({"model": str(model_dir), "sampler": "ddim", "settings": asdict(settings),
+    metrics.update({"model": str(model_dir), "sampler": settings.sampling.sampler, "settings": asdict(settings),
                     "duration(s)": round(time.time() - start, 1)})
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", metrics)

@@ -159,24 +159,20 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def sample_images(model: ToyModel, prompts: list[str], seeds, *, num_steps: int, guidance_scale: float,
-                  batch_size: int, progress: bool = False) -> np.ndarray:
-    """One image per (prompt, seed) from a pixel-space model with DDIM (eta 0): uint8 [B, H, W, 3].
-
-    Conditioning exactly as the engine encodes prompts for SD1.5-style models.
-    """
-    from diffusers import DDIMScheduler
-
+def sample_images(model: ToyModel, prompts: list[str], seeds, sampling, progress: bool = False) -> np.ndarray:
+    """One image per (prompt, seed) from a pixel-space model with ``sampling`` (a
+    ``SamplingConfig``): uint8 [B, H, W, 3]. Conditioning exactly as the engine encodes prompts
+    for SD1.5-style models."""
     from sail.engine.models import encode_prompts
-    from sail.engine.sampling import latents_to_uint8, sample_latents
+    from sail.engine.sampling import latents_to_uint8, sample_latents, sampling_scheduler
 
     if len(prompts) != len(seeds):
         raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
     cond = encode_prompts([model.text_encoder], [model.tokenizer], list(prompts)).hidden
     uncond = encode_prompts([model.text_encoder], [model.tokenizer], [""]).hidden
     cfg = model.unet.config
-    x = sample_latents(model.unet, DDIMScheduler.from_config(model.scheduler.config), cond, uncond, seeds,
-                       num_steps=num_steps, guidance_scale=guidance_scale,
-                       latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size), batch_size=batch_size,
+    x = sample_latents(model.unet, sampling_scheduler(model.scheduler, sampling.sampler), cond, uncond, seeds,
+                       num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
+                       latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size), batch_size=sampling.batch_size,
                        progress=progress)
     return latents_to_uint8(x)

@@ -15,7 +15,6 @@ deterministic labels, and exactly equal scores give a tie (0.5) at any T.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,21 +51,6 @@ def size_and_centre_score(images: np.ndarray, prompts: Sequence[str] | None = No
 def score(images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
     """The default oracle (``size_and_centre_score``)."""
     return size_and_centre_score(images, prompts)
-
-
-def load_scorer(spec: str) -> ScoreFn:
-    """``"package.module:function"`` -> the function; errors name the spec and what is wrong."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"oracle: expected 'module:function', got {spec!r}")
-    module_name, fn_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"oracle: cannot import module {module_name!r} of {spec!r} ({err})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"oracle: {module_name!r} has no callable {fn_name!r}")
-    return fn
 
 
 def preference_probability(score_a: np.ndarray, score_b: np.ndarray, temperature: float) -> np.ndarray:

@@ -12,10 +12,12 @@ Rendering is anti-aliased by 4x4 supersampling of the inside tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from sail.engine.config import SamplingConfig
+from sail.engine.configtree import OVERLAY
 
 DEFAULT_ORACLE = "sail.engine.toy.oracle:size_and_centre_score"
 
@@ -87,12 +89,10 @@ class ToyWorldConfig:
     the parquet files like Pick-a-Pic's no-preference votes (~2% of the pairs at 0.005)."""
     oracle: str = DEFAULT_ORACLE
     """The "human": a ``module:function`` scoring (images_uint8 [B,H,W,3], prompts) -> [B]."""
-    sample_steps: int = 20
-    """DDIM steps when sampling the base model for the seed/full sets and for evaluation."""
-    guidance_scale: float = 1.5
-    """Classifier-free guidance scale of that sampling."""
-    sample_batch_size: int = 512
-    """Images per UNet batch when sampling (one batch holds conditional + unconditional)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.5, batch_size=512),
+                                     metadata=OVERLAY)
+    """How the base model is sampled for the seed/full sets, and every model for evaluation
+    (DDIM 20 steps, CFG 1.5, 512 images per UNet batch)."""
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
@@ -102,8 +102,7 @@ class ToyWorldConfig:
                f"{self.max_shape_size} + 2 x margin {self.margin} exceeds image_size {self.image_size}")
         _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         for name in ("num_seed_prompts", "images_per_seed_prompt", "seed_pairs_per_prompt", "full_multiplier",
-                     "pool_prompts", "num_eval_prompts", "eval_seeds_per_prompt", "sample_steps",
-                     "sample_batch_size"):
+                     "pool_prompts", "num_eval_prompts", "eval_seeds_per_prompt"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.num_iterations >= 0, "num_iterations", f"must be >= 0, got {self.num_iterations}")
         n = self.images_per_seed_prompt
@@ -117,7 +116,6 @@ class ToyWorldConfig:
         _check(self.tie_margin >= 0, "tie_margin", f"must be >= 0, got {self.tie_margin}")
         _check(self.label_temperature >= 0, "label_temperature", f"must be >= 0, got {self.label_temperature}")
         _check(":" in self.oracle, "oracle", f"expected 'module:function', got {self.oracle!r}")
-        _check(self.guidance_scale >= 1.0, "guidance_scale", f"must be >= 1, got {self.guidance_scale}")
 
     @property
     def num_seed_pairs(self) -> int:
@@ -288,13 +286,3 @@ def render_prompts(prompts: list[str], layout: Layout, image_size: int = 16) -> 
     shape = np.array([a.shape for a in attrs])
     bg = np.array([a.background for a in attrs])
     return render_batch(colour, shape, bg, layout.size, layout.cx, layout.cy, image_size)
-
-
-def load_world_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ToyWorldConfig:
-    """ToyWorldConfig from an optional JSON file of its fields plus ``KEY=VALUE`` overrides;
-    unknown keys and bad values raise ConfigError naming the file and the key."""
-    from sail.engine.configtree import apply_overrides, build_dataclass, read_json
-
-    data = read_json(Path(path)) if path else {}
-    where = str(path) if path else "<toy world defaults>"
-    return build_dataclass(ToyWorldConfig, apply_overrides(data, list(overrides), where), where)

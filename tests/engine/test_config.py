@@ -121,3 +121,16 @@ def test_train_reference_other_than_previous_needs_full_weights():
     with pytest.raises(ConfigError, match="train_reference"):
         config_from_dict({"name": "x", "model": {"arch": "tiny-sd15", "lora": {"rank": 4}},
                           "sail": {"train_reference": "anchor"}})
+
+
+def test_loss_options_are_checked_and_the_iterations_can_override_the_objective(tmp_path):
+    from sail.engine.controller import iteration_train_config
+
+    with pytest.raises(ConfigError, match=r"train\.loss\.gamma: only with name dpo_sft"):
+        load_config(_write(tmp_path, {**BASE, "train": {"loss": {"gamma": 300}}}))
+    with pytest.raises(ConfigError, match=r"train\.loss\.lam: dpop needs lam > 0"):
+        load_config(_write(tmp_path, {**BASE, "train": {"loss": {"name": "dpop"}}}))
+    cfg = load_config(_write(tmp_path, {**BASE, "sail": {"loss": {"name": "dpo_sft", "gamma": 300}}}))
+    assert cfg.train.loss.name == "dpo" and cfg.train.loss.kernel_weights() == {"sft_weight": 0.0, "hinge_weight": 0.0}
+    it = iteration_train_config(cfg)
+    assert it.loss.name == "dpo_sft" and it.loss.kernel_weights() == {"sft_weight": 300.0, "hinge_weight": 0.0}

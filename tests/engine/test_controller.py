@@ -15,24 +15,25 @@ from safetensors.torch import load_file
 from sail.engine.config import config_from_dict
 from sail.engine.controller import Controller, make_plan
 from sail.engine.configtree import ConfigError
-from sail.engine.strategy import LocalStrategy
+from sail.engine.ranks import single_process
+from sail.engine.worlds import make_world
 
 REPO = Path(__file__).resolve().parents[2]
 
 WORLD = {"num_seed_prompts": 6, "images_per_seed_prompt": 4, "seed_pairs_per_prompt": 2, "full_multiplier": 2,
-         "pool_prompts": 4, "num_eval_prompts": 3, "eval_seeds_per_prompt": 2, "sample_steps": 3,
-         "num_iterations": 2, "sample_batch_size": 64}
+         "pool_prompts": 4, "num_eval_prompts": 3, "eval_seeds_per_prompt": 2,
+         "num_iterations": 2, "sampling": {"steps": 3, "guidance_scale": 1.5, "batch_size": 64}}
 
 
 def mini_config(root: Path, model: str, iterations: int = 1, **sail) -> dict:
     return {"name": "mini", "method": "sail", "seed": 1, "run_dir": str(root / "run"),
             "model": {"path": model}, "data": {"empty_prompt_prob": 0.1, "random_flip": False},
-            "toy": {"enabled": True, "data_dir": str(root / "toy_data"), "world": WORLD},
+            "world": "toy", "toy": {"data_dir": str(root / "toy_data"), "world": WORLD},
             "train": {"beta": 500, "steps": 3, "micro_batch_pairs": 2, "log_every": 1, "save_every": 1,
                       "optimizer": {"lr": 1e-3, "eps": 1e-6}},
             "distributed": {"backend": "local"},
-            "sail": {"iterations": iterations, "candidates": 3, "rank_draws": 2, "sample_steps": 3,
-                     "sample_batch_size": 3, "rank_batch_size": 6, "train_steps": 2, **sail},
+            "sail": {"iterations": iterations, "candidates": 3, "rank_draws": 2,
+                     "sampling": {"steps": 3, "batch_size": 3}, "rank_batch_size": 6, "train_steps": 2, **sail},
             "eval": {"enabled": True, "seeds_per_prompt": 2}}
 
 
@@ -110,11 +111,12 @@ def test_overlapping_pools_are_refused(tmp_path, toy_model):
     shared = tmp_path / "pool.txt"
     shared.write_text("red circle on black\nblue square on white\n")
     data = mini_config(tmp_path, toy_model, iterations=2, prompt_files=[str(shared), str(shared)])
-    data["toy"]["enabled"] = False
+    data["world"] = "pickapic"
+    del data["toy"]
     data["data"]["train"] = ["unused.parquet"]
+    cfg = config_from_dict(data)
     with pytest.raises(ConfigError, match="'pool_1' and 'pool_2' share 2 prompt"):
-        make_plan(config_from_dict(data), LocalStrategy(config_from_dict(data).train,
-                                                        config_from_dict(data).distributed))
+        make_plan(cfg, make_world(cfg), single_process())
 
 
 @pytest.mark.slow

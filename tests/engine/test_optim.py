@@ -211,10 +211,12 @@ def test_bitsandbytes_with_offload_fails_fast_at_the_entry_point(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def _local(name: str, lr: float):
+    from sail.engine.ranks import Ranks
     from sail.engine.strategy import LocalStrategy
 
     train = TrainConfig(beta=500.0, steps=6, optimizer=OptimizerConfig(name=name, lr=lr, eps=1e-6))
-    strategy = LocalStrategy(train, DistributedConfig(backend="local"), device=torch.device("cpu"))
+    cpu = Ranks(rank=0, world_size=1, device=torch.device("cpu"), backend="local")
+    strategy = LocalStrategy(train, DistributedConfig(backend="local"), cpu)
     strategy.prepare(tiny_unet(), tiny_unet(), train.steps, 1)
     return strategy
 
@@ -308,3 +310,26 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def test_the_configured_objective_reaches_the_loss():
+    """dpo_forward with dpo_sft: the DPO loss plus gamma x the winners' mean policy error, on the
+    same forward; dpop while the policy equals its reference (d_w = 0, hinge off): the DPO loss."""
+    from diffusers import DDPMScheduler
+
+    from sail.engine.config import LossConfig
+    from sail.engine.trainer import dpo_forward
+
+    strategy = _local("adafactor", 3e-5)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    batch, t, noise = fixed_batch(0, pairs=2)
+    args = (strategy, sched, batch, t, noise, torch.zeros(2, dtype=torch.bool), torch.zeros(1, 16, 32), None, 500.0)
+    with torch.no_grad():
+        plain = dpo_forward(*args)
+        sft = dpo_forward(*args, LossConfig(name="dpo_sft", gamma=7.0))
+        hinge = dpo_forward(*args, LossConfig(name="dpop", lam=5.0))
+    assert torch.equal(plain.z, sft.z)
+    torch.testing.assert_close(sft.loss, plain.loss + 7.0 * plain.model_err[:2].mean(), rtol=1e-6, atol=0)
+    d_w = (plain.model_err - plain.ref_err)[:2]
+    assert (d_w == 0).all()                # the policy starts as its reference: the hinge is off
+    assert torch.equal(hinge.loss, plain.loss)

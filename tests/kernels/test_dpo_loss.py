@@ -255,3 +255,77 @@ def test_reference_matches_official_formula(beta, shared):
     assert z64.abs().max() > 0.1                        # the margin is not trivially zero
     torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.z.double(), z64, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Winner-preserving terms: DPOP hinge (hinge_weight) and winner SFT (sft_weight)
+# ------------------------------------------------------------------------------------------------
+
+def float64_objective(p, r, t, beta, sft_weight, hinge_weight):
+    """The objective written naively in float64 (errors, then differences), autograd grads."""
+    pairs = p.shape[0] // 2
+    p64 = p.detach().double().requires_grad_()
+    t64 = t.double() if t.shape[0] == p.shape[0] else torch.cat([t.double(), t.double()])
+    model_err = (p64 - t64).flatten(1).pow(2).mean(1)
+    d = model_err - (r.double() - t64).flatten(1).pow(2).mean(1)
+    d_w, d_l = d[:pairs], d[pairs:]
+    loss = -F.logsigmoid(-0.5 * beta * (d_w - d_l + hinge_weight * d_w.clamp_min(0))).mean()
+    loss = loss + sft_weight * model_err[:pairs].mean()
+    loss.backward()
+    return loss.detach(), (-0.5 * beta * (d_w - d_l)).detach(), p64.grad
+
+
+def mixed_sign_inputs(device, dtype, pairs=4, S=(3, 5, 7), seed=11):
+    """Winners whose policy error is above the reference's (d_w > 0: the hinge is active) and
+    below it (d_w < 0: inactive), alternating."""
+    p, r, t = (x.cpu().double() for x in make_inputs(pairs, S, torch.float32, False, "cpu", seed=seed))
+    for i in range(0, pairs, 2):          # move these winners' reference towards the target
+        r[i] = t[i] + 0.5 * (r[i] - t[i])
+    d_w = ((p[:pairs] - t[:pairs]) ** 2 - (r[:pairs] - t[:pairs]) ** 2).flatten(1).mean(1)
+    assert (d_w[::2] > 0).all() and (d_w[1::2] < 0).all()
+    return (x.to(device=device, dtype=dtype) for x in (p, r, t))
+
+
+@pytest.mark.parametrize("terms", [dict(sft_weight=3.0), dict(hinge_weight=5.0),
+                                   dict(sft_weight=3.0, hinge_weight=5.0)], ids=_case_id)
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_case_id)
+def test_winner_terms_match_float64(device, path, terms, dtype):
+    p, r, t = mixed_sign_inputs(device, dtype)
+    beta = moderate_beta(p, r, t)
+    p.requires_grad_()
+    fn = dpo_loss_triton if path == "triton" else dpo_loss_reference
+    out = fn(p, r, t, beta, **terms, **(dict(block=16, programs=12) if path == "triton" else {}))
+    out.loss.backward()
+    loss64, z64, grad64 = float64_objective(p, r, t, beta, terms.get("sft_weight", 0.0),
+                                            terms.get("hinge_weight", 0.0))
+    assert_close_rel(out.loss, loss64, FWD_TOL[dtype], "loss")
+    assert_close_rel(out.z, z64, FWD_TOL[dtype] * 10, "z (the plain DPO margin)")
+    assert_close_rel(p.grad, grad64, GRAD_TOL[dtype], "grad")
+
+
+def test_winner_terms_change_the_winner_rows_only(device):
+    """The hinge multiplies an active winner's DPO gradient by (1 + lam) (at its own z); SFT adds
+    2 gamma (p_w - t) / (D P) to every winner row; the losers' rows keep the DPO form."""
+    p, r, t = mixed_sign_inputs(device, torch.float32)
+    beta, lam, gamma, D, P = moderate_beta(p, r, t), 5.0, 3.0, 105, 4
+    p.requires_grad_()
+    out = dpo_loss_triton(p, r, t, beta, sft_weight=gamma, hinge_weight=lam)
+    out.loss.backward()
+    d = ((p.detach().double() - t.double()) ** 2 - (r.double() - t.double()) ** 2).flatten(1).mean(1)
+    z_h = -0.5 * beta * (d[:P] - d[P:] + lam * d[:P].clamp_min(0))
+    s = torch.sigmoid(-z_h)
+    coef_w = beta * s * (1 + lam * (d[:P] > 0).double()) / (D * P) + 2 * gamma / (D * P)
+    coef = torch.cat([coef_w, -beta * s / (D * P)]).view(-1, 1, 1, 1)
+    assert_close_rel(p.grad, coef * (p.detach().double() - t.double()), 1e-5, "grad")
+
+
+def test_zero_weights_are_plain_dpo_bit_for_bit():
+    p, r, t = mixed_sign_inputs("cpu", torch.bfloat16)
+    beta = moderate_beta(p, r, t)
+    out = dpo_loss_reference(p, r, t, beta, sft_weight=0.0, hinge_weight=0.0)
+    # plain Diffusion-DPO, the reference's formula written out
+    pf, rf, tf = p.float().flatten(1), r.float().flatten(1), t.float().flatten(1)
+    diff = ((pf - rf) * (pf + rf - 2 * tf)).mean(1)
+    z = -0.5 * beta * (diff[:4] - diff[4:])
+    assert torch.equal(out.loss, -F.logsigmoid(z).mean()) and torch.equal(out.z, z)

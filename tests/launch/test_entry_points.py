@@ -99,7 +99,7 @@ def test_readme_smoke_run_from_a_clean_checkout(tmp_path):
     root = clean_copy(REPO, tmp_path / "checkout")
     assert not (root / "runs").exists()
     small = ["--set", "num_seed_prompts=4", "--set", "images_per_seed_prompt=4", "--set", "full_multiplier=1",
-             "--set", "seed_pairs_per_prompt=3", "--set", "sample_steps=2", "--no-progress"]
+             "--set", "seed_pairs_per_prompt=3", "--set", "sampling.steps=2", "--no-progress"]
     proc = _run([sys.executable, "launch/toy_data.py", "--out", "runs/toy_data", *small], cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run([sys.executable, "launch/train.py", "--config", "tiny_sd15.json"], cwd=root)

@@ -5,17 +5,19 @@ import pyarrow.parquet as pq
 import pytest
 
 import sail.engine.toy.data as toy_data
+from sail.engine.config import SamplingConfig
 from sail.engine.data.images import decode_image
-from sail.engine.toy.data import (PromptSplits, check_disjoint, choose_pairs, ensure_toy_data, make_splits, read_splits,
+from sail.engine.toy.data import (PromptSplits, choose_pairs, ensure_toy_data, make_splits, read_splits,
                                   write_splits)
 from sail.engine.toy.oracle import size_and_centre_score
 from sail.engine.toy.world import ToyWorldConfig, all_prompts
+from sail.engine.worlds import check_disjoint
 
 PICKAPIC_COLUMNS = {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different", "model_0",
                     "model_1", "best_image_uid", "ranking_id", "user_id", "image_0_uid", "image_1_uid"}
 
 TINY = ToyWorldConfig(num_seed_prompts=3, images_per_seed_prompt=4, seed_pairs_per_prompt=1, full_multiplier=6,
-                      num_iterations=2, pool_prompts=2, num_eval_prompts=2, sample_steps=2, sample_batch_size=64,
+                      num_iterations=2, pool_prompts=2, num_eval_prompts=2, sampling=SamplingConfig(steps=2, guidance_scale=1.5, batch_size=64),
                       label_temperature=0.0)
 
 

@@ -6,10 +6,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from sail.engine import scorers
+from sail.engine.config import SamplingConfig
+from sail.engine.scorers import available_scorers, get_scorer, register_scorer
+from sail.engine.toy import scorers as toy_scorers  # noqa: F401  (registers "oracle")
 from sail.engine.toy.evaluate import EvalSettings, eval_prompts, evaluate_model, score_images
 from sail.engine.toy.oracle import size_and_centre_score
-from sail.engine.toy import scorers
-from sail.engine.toy.scorers import available_scorers, get_scorer, register_scorer
 from sail.engine.toy.world import ToyWorldConfig, all_prompts, render_prompts, sample_layout
 
 SHIPPED = Path(__file__).resolve().parents[3] / "engine" / "toy" / "base_model"
@@ -49,7 +51,8 @@ def test_scorer_registry():
 
 def test_evaluate_model_writes_metrics_and_grid(tiny_model_dir, tmp_path):
     prompts = eval_prompts(ToyWorldConfig())[:3]
-    settings = EvalSettings(seeds_per_prompt=2, num_steps=2, batch_size=4, grid_prompts=2)
+    settings = EvalSettings(seeds_per_prompt=2, sampling=SamplingConfig(steps=2, guidance_scale=1.5, batch_size=4),
+                            grid_prompts=2)
     m = evaluate_model(tiny_model_dir, tmp_path, prompts, settings)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["n_images"] == 6 and on_disk["n_prompts"] == 3
@@ -65,8 +68,8 @@ def test_evaluate_model_writes_metrics_and_grid(tiny_model_dir, tmp_path):
 def test_evaluate_cli(tiny_model_dir, tmp_path):
     from sail.launch.evaluate import main
 
-    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path), "--max-prompts", "2", "--seeds-per-prompt", "2",
-            "--steps", "2", "--no-progress"]
+    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path), "--max-prompts", "2",
+            "--set", "eval_seeds_per_prompt=2", "--set", "sampling.steps=2", "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == 4
@@ -76,7 +79,7 @@ def test_evaluate_cli(tiny_model_dir, tmp_path):
 def test_shipped_base_model_follows_prompts(tmp_path):
     """A small held-out sample of the shipped model: the prompted attributes are there."""
     prompts = eval_prompts(ToyWorldConfig())[:12]
-    m = evaluate_model(SHIPPED, tmp_path, prompts, EvalSettings(seeds_per_prompt=2, num_steps=10, batch_size=24))
+    m = evaluate_model(SHIPPED, tmp_path, prompts, EvalSettings(seeds_per_prompt=2, sampling=SamplingConfig(steps=10, guidance_scale=1.5, batch_size=24)))
     # The shipped model reads back ~99% of held-out prompts right at the full protocol (20 DDIM
     # steps, docs/toy_world.md); 10 steps and 24 images here. Chance level is ~1/768.
     assert m["fidelity/all"] >= 0.85

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from sail.engine.toy.oracle import (EMPTY_SCORE, bradley_terry_labels, load_scorer, preference_probability,
+from sail.engine.scorers import load_scorer
+from sail.engine.toy.oracle import (EMPTY_SCORE, bradley_terry_labels, preference_probability,
                                     size_and_centre_score)
 from sail.engine.toy.vision import read_shapes
 from sail.engine.toy.world import PALETTE, render

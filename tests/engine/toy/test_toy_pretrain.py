@@ -41,8 +41,9 @@ def _check_folder(folder):
 
 def test_pretrain_script_few_steps(tmp_path):
     out = tmp_path / "model"
-    args = ["--out", str(out), "--steps", "4", "--batch-size", "8", "--unet-channels", "8,16,16",
-            "--text-hidden", "16", "--log-every", "2", "--save-every", "2", "--warmup-steps", "2", "--quiet"]
+    args = ["--out", str(out), "--quiet"] + [a for kv in ("steps=4", "batch_size=8", "spec.unet_channels=[8,16,16]",
+                                                       "spec.text_hidden=16", "log_every=2", "save_every=2",
+                                                       "warmup_steps=2") for a in ("--set", kv)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.rindex("{\"out\""):])  # after any progress bars
@@ -59,8 +60,8 @@ def test_pretrain_script_few_steps(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), init.state_dict().values()))
     # continuing from the folder starts from its weights (same sizes, whatever --unet-channels says)
     more = tmp_path / "more"
-    result = CliRunner().invoke(main, ["--out", str(more), "--init-from", str(out), "--steps", "1", "--batch-size", "4",
-                                       "--quiet"])
+    result = CliRunner().invoke(main, ["--out", str(more), "--set", f"init_from={out}", "--set", "steps=1",
+                                       "--set", "batch_size=4", "--set", "log_every=1", "--quiet"])
     assert result.exit_code == 0, result.output
     cont = _check_folder(more)
     assert sum(p.numel() for p in cont.parameters()) == record["unet_parameters"]
@@ -84,8 +85,11 @@ def test_timestep_weights_turn_epsilon_loss_into_v_loss():
 
 
 def test_pretrain_rejects_bad_options(tmp_path):
-    result = CliRunner().invoke(main, ["--out", str(tmp_path / "m"), "--unet-channels", "8,12,16"])
-    assert result.exit_code != 0 and "unet_channels" in result.output
+    result = CliRunner().invoke(main, ["--out", str(tmp_path / "m"), "--set", "spec.unet_channels=[8,12,16]"])
+    assert result.exit_code == 2 and "spec.unet_channels: three multiples of 8" in result.output
+    result = CliRunner().invoke(main, ["--out", str(tmp_path / "m"), "--set", "stepz=3"])
+    assert result.exit_code == 2 and "unknown key 'stepz'" in result.output
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped base model")

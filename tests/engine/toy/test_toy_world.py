@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
+from sail.engine.configtree import load_dataclass
 from sail.engine.toy.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, tokenize
 from sail.engine.toy.world import (BACKGROUNDS, COLOUR_NAMES, PALETTE, SHAPES, ToyWorldConfig, all_prompts, coverage,
-                                   load_world_config, parse_prompt, render, render_prompts, sample_layout)
+                                   parse_prompt, render, render_prompts, sample_layout)
 
 
 def test_vocabulary_and_prompts():
@@ -66,7 +67,7 @@ def test_config_validation_names_the_field():
         ToyWorldConfig(max_shape_size=15.0)
     with pytest.raises(ValueError, match="^label_temperature:"):
         ToyWorldConfig(label_temperature=-1.0)
-    assert load_world_config(None, ["seed=3", "num_eval_prompts=100"]).num_eval_prompts == 100
+    assert load_dataclass(ToyWorldConfig, None, ["seed=3", "num_eval_prompts=100"]).num_eval_prompts == 100
 
 
 def test_tokenizer_ids_and_round_trip(tmp_path):

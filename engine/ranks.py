@@ -1,0 +1,101 @@
+"""This process's place among the run's processes: rank, world size, device, barrier.
+
+Made once per process (``init_ranks``) and handed to every stage: generation, ranking and
+encoding split their prompts or rows by it, and each training stage builds its engine
+(``engine/strategy.py``) on top of it. The process group outlives the stages: a training
+engine is created and closed per stage, the ranks are not.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sail.engine.config import DistributedConfig
+
+_RANKS: "Ranks | None" = None
+
+
+def launched_distributed() -> bool:
+    """True when started by torchrun / the deepspeed launcher (they set LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolved_backend(dist: DistributedConfig) -> str:
+    """``backend: auto`` is DeepSpeed under a distributed launcher, else local (one process)."""
+    if dist.backend != "auto":
+        return dist.backend
+    return "deepspeed" if launched_distributed() else "local"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Rank, world size and device of this process, and the collectives every stage needs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    """local (one process, no process group) or deepspeed (a torch.distributed group)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def single_process() -> Ranks:
+    """One process on the best device: no process group, barriers are no-ops."""
+    return Ranks(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), "local")
+
+
+def init_ranks(dist: DistributedConfig) -> Ranks:
+    """The process's ``Ranks``: one process on the best device (local), or its place in the
+    DeepSpeed process group, joined on the first call and the same object afterwards."""
+    global _RANKS
+    if resolved_backend(dist) == "local":
+        return single_process()
+    if _RANKS is None:
+        _RANKS = _join_process_group()
+    return _RANKS
+
+
+def _join_process_group() -> Ranks:
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)
+    import deepspeed
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and os.environ.get("SAIL_DS_SHM", "0") != "1":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up: minutes
+        # on a 2-core machine, and a compile killed half-way leaves a lock that hangs the
+        # next start. Plain gloo is enough off the GPU; SAIL_DS_SHM=1 turns it back on.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    if not on_cpu:
+        torch.cuda.set_device(device)
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), device, "deepspeed")

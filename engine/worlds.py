@@ -1,0 +1,155 @@
+"""The world a run works in: where its preference data, prompt pools and evaluation prompts
+come from, and what ground truth (if any) scores its samples.
+
+Two worlds, one interface: ``pickapic`` (the user's files: Pick-a-Pic v2 parquet pairs,
+prompt files, no ground truth) and ``toy`` (the embedded toy world, ``engine/toy/plugin.py``:
+data built from its base model, prompt splits, an oracle that labels, ranks, diagnoses and
+evaluates). The controller, the run checks and the report know only this interface.
+
+A world may own a section of the run config, named after it (``"toy": {...}``): its
+dataclass (``settings_class``) is built and validated at load like any other section, and
+reaches the world as ``cfg.world_settings``; the core config never imports it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from sail.engine.configtree import ConfigError
+
+if TYPE_CHECKING:
+    from sail.engine.config import RunConfig
+    from sail.engine.ranks import Ranks
+    from sail.engine.scorers import Scorer
+
+# name -> "module:class"; a world's config section, if it has one, carries its name
+WORLDS: dict[str, str] = {
+    "pickapic": "sail.engine.worlds:PickapicWorld",
+    "toy": "sail.engine.toy.plugin:ToyWorld",
+}
+
+
+@dataclass
+class WorldData:
+    """What a run trains and evaluates on, fixed before any stage runs."""
+
+    train: list[str]
+    """Preference data files (Pick-a-Pic v2 parquet schema)."""
+    pools: list[list[str]]
+    """One prompt pool per SAIL iteration."""
+    eval_prompts: list[str]
+    """Held-out prompts, disjoint from the pools."""
+
+
+class World:
+    """The interface; ``cfg`` is the run config, ``self.settings`` the world's own section."""
+
+    name: ClassVar[str]
+    settings_class: ClassVar[type | None] = None
+    """Dataclass of the config section named after the world (None: the world has none)."""
+    evaluates: ClassVar[bool] = False
+    """Whether ``evaluate`` can score a model (a world without scorers skips evaluate stages)."""
+
+    def __init__(self, cfg: "RunConfig"):
+        self.cfg = cfg
+        self.settings = cfg.world_settings
+        if self.settings is None and self.settings_class is not None:
+            self.settings = self.settings_class()
+
+    def preflight(self) -> None:
+        """Checks of the user's input that need no model: fail in seconds, before any writing."""
+
+    def prepare(self, ranks: "Ranks", base_model: str) -> WorldData:
+        """Build or read the data (every rank calls it; rank 0 builds what must be built)."""
+        raise NotImplementedError
+
+    def evaluate(self, model_dir: str, prompts: list[str], out: Path) -> dict:
+        """Score ``model_dir`` on ``prompts``; writes ``out/metrics.json`` and a sample grid."""
+        raise NotImplementedError(f"world {self.name!r} has no scorers to evaluate with")
+
+    def diagnose(self, cands, rewards: dict, pairs: dict, out: Path) -> dict:
+        """Ground-truth diagnostics of a pair stage (``rewards``: the rank stage's table), written
+        to ``out``; returns extra pair columns."""
+        return {}
+
+    def scorer(self, name: str) -> "Scorer":
+        """The external scorer ``name`` that ranks candidates in ``method: online_dpo``."""
+        from sail.engine.scorers import get_scorer
+
+        return get_scorer(name)
+
+
+def world_class(name: str, where: str = "config") -> type[World]:
+    if name not in WORLDS:
+        raise ConfigError(f"{where}: world: unknown {name!r}; worlds: {', '.join(WORLDS)}")
+    module, cls = WORLDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_world(cfg: "RunConfig") -> World:
+    """The run's world."""
+    return world_class(cfg.world)(cfg)
+
+
+def check_disjoint(splits: dict[str, list[str]]) -> None:
+    """Raise ValueError naming the two splits and an example prompt if any two overlap
+    (or a split repeats a prompt)."""
+    names = list(splits)
+    for i, a in enumerate(names):
+        if len(set(splits[a])) != len(splits[a]):
+            dup = next(p for p in splits[a] if splits[a].count(p) > 1)
+            raise ValueError(f"split {a!r} lists prompt {dup!r} more than once")
+        for b in names[i + 1:]:
+            shared = set(splits[a]) & set(splits[b])
+            if shared:
+                raise ValueError(f"splits {a!r} and {b!r} share {len(shared)} prompt(s), e.g. {sorted(shared)[0]!r}; "
+                                 "never train on the prompts you evaluate on")
+
+
+def check_prompt_sets(pools: list[list[str]], eval_prompts: list[str], where: str) -> None:
+    """The pools and evaluation prompts of a run are pairwise disjoint (ConfigError naming ``where``)."""
+    named = {f"pool_{i + 1}": p for i, p in enumerate(pools)}
+    if eval_prompts:
+        named["eval"] = eval_prompts
+    try:
+        check_disjoint(named)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+class PickapicWorld(World):
+    """The user's files: Pick-a-Pic v2 parquet pairs (``data.train``), one prompt file per SAIL
+    iteration (``sail.prompt_files``), held-out prompts (``eval.prompt_files``). No ground truth:
+    no pair diagnostics, and no evaluation until learned scorers are wired in."""
+
+    name = "pickapic"
+
+    def preflight(self) -> None:
+        from sail.engine.data.pickapic import expand_paths
+
+        if not self.cfg.data.train:
+            raise ConfigError('data.train: no preference data (give Pick-a-Pic parquet files, or set world: "toy")')
+        expand_paths(self.cfg.data.train)
+        self._prompt_sets()
+
+    def prepare(self, ranks: "Ranks", base_model: str) -> WorldData:
+        pools, eval_prompts = self._prompt_sets()
+        return WorldData(list(self.cfg.data.train), pools, eval_prompts)
+
+    def _prompt_sets(self) -> tuple[list[list[str]], list[str]]:
+        """The prompt pools (one file per SAIL iteration) and evaluation prompts, checked:
+        enough pools, every file readable and non-empty, no prompt in two sets."""
+        from sail.engine.sail import read_prompt_file
+
+        cfg = self.cfg
+        iterative = cfg.method in ("sail", "online_dpo")
+        if iterative and len(cfg.sail.prompt_files) < cfg.sail.iterations:
+            raise ConfigError(f"sail.prompt_files: {cfg.sail.iterations} iterations need {cfg.sail.iterations} "
+                              f"prompt files, got {len(cfg.sail.prompt_files)}")
+        files = cfg.sail.prompt_files[:cfg.sail.iterations] if iterative else []
+        pools = [read_prompt_file(f, "sail.prompt_files") for f in files]
+        eval_prompts = [p for f in cfg.eval.prompt_files for p in read_prompt_file(f, "eval.prompt_files")]
+        check_prompt_sets(pools, eval_prompts, "sail.prompt_files / eval.prompt_files")
+        return pools, eval_prompts
