@@ -252,13 +252,24 @@ class SailConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How the candidates are drawn."""
     rank_draws: int = 10
-    """K: (t, noise) draws per prompt, shared by its N candidates."""
+    """K: (t, noise) draws per prompt, shared by its N candidates (the cap with rank_block)."""
+    rank_t_range: tuple[float, float] = (0.0, 1.0)
+    """Timesteps of the ranking draws, as fractions of the training timesteps: t ~ U[lo T, hi T)."""
+    rank_block: int = 0
+    """Adaptive K: draw this many at a time and stop once the best and the worst candidates are
+    settled (rank_settle_z), at most rank_draws; 0 draws all rank_draws at once."""
+    rank_settle_z: float = 2.0
+    """Adaptive K: standard errors by which the best must lead the runner-up, and the worst trail
+    the runner-down, to stop drawing."""
     rank_reference: Literal["base", "anchor", "previous"] = "base"
     """Reference of the implicit reward: the base model, the iteration-0 model, or the model the
     current one was trained from."""
     rank_batch_size: int = 160
     """Images per UNet forward in ranking."""
     pairing: Literal["best_worst", "random"] = "best_worst"
+    min_pair_z: float = 0.0
+    """Keep a prompt's pair only if its reward gap is at least this many standard errors of the
+    paired difference over the K shared draws (0: keep every prompt's pair)."""
     alpha: float = 0.25
     """Fraction of generated pairs in an iteration's training set (1: no mixup)."""
     external_scorer: str = "oracle"
@@ -285,6 +296,11 @@ class SailConfig:
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
         require(0.0 < self.alpha <= 1.0, "alpha", f"must be in (0, 1], got {self.alpha}")
         require(self.rank_batch_size >= 1, "rank_batch_size", "must be >= 1")
+        require(self.min_pair_z >= 0, "min_pair_z", f"must be >= 0, got {self.min_pair_z}")
+        lo, hi = self.rank_t_range
+        require(0.0 <= lo < hi <= 1.0, "rank_t_range", f"must be 0 <= lo < hi <= 1, got {self.rank_t_range}")
+        require(self.rank_block >= 0 and self.rank_settle_z > 0, "rank_block",
+                "rank_block must be >= 0 and rank_settle_z > 0")
         require(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
 
 

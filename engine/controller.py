@@ -136,7 +136,8 @@ class Controller:
             from sail.engine.io import write_parquet
 
             cands, rewards = sail.Candidates(lay.candidates(i)), pq.read_table(lay.rewards(i)).to_pydict()
-            pairs = sail.choose_pairs(rewards, self.cfg.sail.pairing, seeds.pairing(self.cfg.seed, i))
+            pairs = sail.choose_pairs(rewards, self.cfg.sail.pairing, seeds.pairing(self.cfg.seed, i),
+                                      self.cfg.sail.min_pair_z)
             pairs.update(self.world.diagnose(cands, rewards, pairs, lay.diagnostics(i)))
             write_parquet(lay.pairs(i), pairs)
             hooks.reached("pair")

@@ -182,17 +182,50 @@ def _forward_chunks(unet, x, t, hidden, pooled, time_ids, batch: int) -> torch.T
     return torch.cat(outs)
 
 
+def ranking_settled(per_draw: torch.Tensor, settle_z: float) -> bool:
+    """Whether the best and the worst candidate are settled after the draws so far (per_draw
+    [N, k]): the best's reward gap over the runner-up, and the runner-down's over the worst, are
+    each at least ``settle_z`` standard errors of the paired difference (``pair_confidence``)."""
+    if per_draw.shape[1] < 2:
+        return False
+    order = per_draw.mean(1).argsort(descending=True).tolist()
+    d = per_draw.double().numpy()
+    return (pair_confidence(d[order[0]], d[order[1]]) >= settle_z
+            and pair_confidence(d[order[-2]], d[order[-1]]) >= settle_z)
+
+
 @torch.no_grad()
 def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
-                  batch: int, vae_factor: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit reward of a prompt's N candidates over K (t, noise) draws shared by all N.
+                  batch: int, vae_factor: int = 8, t_range: tuple[float, float] = (0.0, 1.0), block: int = 0,
+                  settle_z: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit reward of a prompt's N candidates over K (t, noise) draws shared by all N, with t
+    uniform in ``t_range`` (fractions of the training timesteps).
 
-    Returns reward [N] and per-draw values [N, K]."""
-    n, shape = latents.shape[0], latents.shape[1:]
-    dev = next(cur.parameters()).device
+    ``block`` > 0: adaptive K. The draws are made ``block`` at a time and stop once
+    ``ranking_settled`` (at most ``draws``); the first k draws are the same whatever K ends up.
+    Returns reward [N] and per-draw values [N, k] (k = draws unless adaptive)."""
+    n_train = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (draws,), generator=gen)
-    eps = torch.randn((draws, *shape), generator=gen)
+    t = torch.randint(int(round(t_range[0] * n_train)), int(round(t_range[1] * n_train)), (draws,), generator=gen)
+    eps = torch.randn((draws, *latents.shape[1:]), generator=gen)
+    if block <= 0 or block >= draws:
+        out = _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta, batch, vae_factor)
+        return out.reward[0].cpu(), out.per_draw[0].cpu()
+    parts = []
+    for k0 in range(0, draws, block):
+        sl = slice(k0, k0 + block)
+        parts.append(_reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], eps[sl], beta, batch,
+                                   vae_factor).per_draw[0].cpu())
+        if ranking_settled(torch.cat(parts, 1), settle_z):
+            break
+    per_draw = torch.cat(parts, 1)
+    return per_draw.mean(1), per_draw
+
+
+def _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta: float, batch: int, vae_factor: int):
+    """``implicit_reward`` of the N candidates on the draws (t [k], eps [k, ...])."""
+    n, shape, draws = latents.shape[0], latents.shape[1:], len(t)
+    dev = next(cur.parameters()).device
     x0 = latents.to(dev).unsqueeze(1).expand(n, draws, *shape).reshape(n * draws, *shape)
     tt = t.to(dev).repeat(n)
     noise = eps.to(dev).unsqueeze(0).expand(n, draws, *shape).reshape(n * draws, *shape)
@@ -208,8 +241,7 @@ def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, b
         target = scheduler.get_velocity(x0, noise, tt).view(1, n, draws, *shape)
     else:
         target = eps.to(dev).unsqueeze(0)                     # [1, K, ...] shared by the N candidates
-    out = implicit_reward(cur_pred, ref_pred, target, beta)
-    return out.reward[0].cpu(), out.per_draw[0].cpu()
+    return implicit_reward(cur_pred, ref_pred, target, beta)
 
 
 def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path, *,
@@ -226,7 +258,8 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
             latents, hidden, pooled = cands.of_prompt(p)
             reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
                                              draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
-                                             batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir))
+                                             batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
+                                             t_range=cfg.rank_t_range, block=cfg.rank_block, settle_z=cfg.rank_settle_z)
             rows["prompt_idx"] += [p] * len(reward)
             rows["cand"] += list(range(len(reward)))
             rows["reward"] += reward.tolist()
@@ -262,25 +295,46 @@ def score_candidates_external(cands: Candidates, scorer, out: Path) -> Path:
 # pair and mix
 # --------------------------------------------------------------------------------------------
 
-def choose_pairs(rewards: dict, pairing: str, seed: int) -> dict:
-    """Per prompt: (argmax, argmin) of the reward, or a random distinct pair."""
-    by_prompt: dict[int, list[tuple[int, float]]] = {}
-    for p, c, r in zip(rewards["prompt_idx"], rewards["cand"], rewards["reward"]):
-        by_prompt.setdefault(p, []).append((c, r))
-    out = {"prompt_idx": [], "winner": [], "loser": [], "margin": []}
+def pair_confidence(draws_w, draws_l) -> float:
+    """How many standard errors the reward gap of a pair is: the mean over the K shared draws of
+    ``r_k(w) - r_k(l)`` over its standard error (common draws make the paired difference far
+    less noisy than either reward). inf for a deterministic scorer (K = 1) or a noiseless gap."""
+    diff = np.asarray(draws_w, dtype=np.float64) - np.asarray(draws_l, dtype=np.float64)
+    mean = diff.mean()
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    if se == 0:
+        return float("inf") if mean > 0 else 0.0
+    return float(mean / se)
+
+
+def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0) -> dict:
+    """Per prompt: (argmax, argmin) of the reward, or a random distinct pair; with ``min_z`` > 0,
+    only prompts whose pair's reward gap is at least ``min_z`` standard errors
+    (``pair_confidence``) keep their pair."""
+    by_prompt: dict[int, list[tuple[int, float, list]]] = {}
+    for p, c, r, d in zip(rewards["prompt_idx"], rewards["cand"], rewards["reward"], rewards["draws"]):
+        by_prompt.setdefault(p, []).append((c, r, d))
+    out = {"prompt_idx": [], "winner": [], "loser": [], "margin": [], "z": []}
     for p in sorted(by_prompt):
         items = sorted(by_prompt[p])
-        rs = np.array([r for _, r in items])
+        rs = np.array([r for _, r, _ in items])
         if pairing == "best_worst":
             w, l = int(rs.argmax()), int(rs.argmin())
         else:
             rng = np.random.default_rng(run_seeds.random_pair(seed, p))
             a, b = rng.choice(len(items), size=2, replace=False)
             w, l = (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
+        z = pair_confidence(items[w][2], items[l][2])
+        if min_z > 0 and not z >= min_z:
+            continue
         out["prompt_idx"].append(p)
         out["winner"].append(items[w][0])
         out["loser"].append(items[l][0])
         out["margin"].append(float(rs[w] - rs[l]))
+        out["z"].append(z)
+    if not out["prompt_idx"]:
+        raise DataError(f"sail.min_pair_z: no prompt's pair has a reward gap of {min_z} standard errors "
+                        f"(of {len(by_prompt)} prompts); lower it or raise sail.rank_draws")
     return out
 
 

@@ -1,7 +1,7 @@
 """The `sail` console script: subcommands that mirror the launch scripts.
 
     sail train --config toy_cpu.json          = python launch/train.py --config toy_cpu.json
-    sail evaluate / sail toy-data / sail pretrain-toy / sail ablations
+    sail evaluate / sail toy-data / sail pretrain-toy / sail ablations / sail rank-study
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS = {
     "toy-data": "sail.launch.toy_data",
     "pretrain-toy": "sail.launch.pretrain_toy",
     "ablations": "sail.launch.ablations",
+    "rank-study": "sail.launch.rank_study",
 }
 
 

@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import pytest
+
+from sail.engine.data.pickapic import DataError
+from sail.engine.sail import choose_pairs, pair_confidence
+
+
+def _rewards(draws: dict[int, list[list[float]]]) -> dict:
+    """A rank stage's table from per-prompt, per-candidate draw values (reward = their mean)."""
+    rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
+    for p, cands in draws.items():
+        for c, d in enumerate(cands):
+            rows["prompt_idx"].append(p)
+            rows["cand"].append(c)
+            rows["reward"].append(float(np.mean(d)))
+            rows["draws"].append(d)
+    return rows
+
+
+def test_pair_confidence_is_the_paired_t_statistic():
+    w, l = [3.0, 5.0, 4.0, 6.0], [1.0, 4.0, 1.0, 3.0]        # differences 2, 1, 3, 3
+    diff = np.array([2.0, 1.0, 3.0, 3.0])
+    assert math.isclose(pair_confidence(w, l), diff.mean() / (diff.std(ddof=1) / 2))
+    assert pair_confidence([2.0], [1.0]) == math.inf                 # a scorer: one deterministic value
+    assert pair_confidence([1.0, 2.0], [0.0, 1.0]) == math.inf        # the same gap on every draw
+    assert pair_confidence([1.0, 2.0], [1.0, 2.0]) == 0.0
+
+
+def test_best_worst_with_a_confidence_threshold_skips_noisy_prompts():
+    table = _rewards({
+        0: [[1.0, 1.2, 0.9], [5.0, 5.1, 4.9], [0.0, 0.3, -0.1]],   # clear: winner 1, loser 2 (z ~ 74)
+        1: [[1.0, -1.0, 2.0], [0.0, 2.0, 0.5], [0.4, 0.5, 0.6]],   # gap within the draws' noise
+    })
+    every = choose_pairs(table, "best_worst", seed=0)
+    assert every["prompt_idx"] == [0, 1] and (every["winner"][0], every["loser"][0]) == (1, 2)
+    assert every["z"][0] > 20 and every["z"][1] < 1
+    confident = choose_pairs(table, "best_worst", seed=0, min_z=2.0)
+    assert confident["prompt_idx"] == [0] and confident["z"] == every["z"][:1]
+    with pytest.raises(DataError, match="sail.min_pair_z: no prompt's pair"):
+        choose_pairs(table, "best_worst", seed=0, min_z=1e9)
+
+
+def test_ranking_settles_when_best_and_worst_lead_their_neighbours():
+    import torch
+
+    from sail.engine.sail import ranking_settled
+
+    clear = torch.tensor([[5.0, 5.2, 4.9, 5.1], [3.0, 3.1, 2.8, 3.2], [0.0, 0.2, -0.1, 0.1]])
+    assert ranking_settled(clear, 2.0)
+    muddled = torch.tensor([[5.0, 1.0, 4.0, 2.0], [3.0, 3.1, 2.8, 3.2], [0.0, 0.2, -0.1, 0.1]])
+    assert not ranking_settled(muddled, 2.0)       # the best's lead over the runner-up is noise
+    assert not ranking_settled(clear[:, :1], 2.0)   # one draw has no standard error
+
+
+def test_adaptive_ranking_uses_a_prefix_of_the_same_draws(one_thread):
+    """rank_block > 0 draws the same (t, noise) sequence as all K at once, block by block, and
+    stops at a block boundary; the reward is the mean of the draws used."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sail.engine.sail import ranking_settled, reward_prompt
+    from tests.engine.test_optim import tiny_unet
+
+    cur, ref = tiny_unet(0).eval(), tiny_unet(1).eval()
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    latents, hidden = torch.randn(3, 4, 16, 16, generator=g), torch.randn(1, 16, 32, generator=g)
+    kw = dict(draws=8, beta=500.0, seed=7, batch=48)
+    full_reward, full = reward_prompt(cur, ref, sched, latents, hidden, None, **kw)
+    for settle_z in (0.01, 1e9):                    # settles at once / never settles
+        reward, used = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, block=2, settle_z=settle_z)
+        k = used.shape[1]
+        assert k == (2 if settle_z < 1 else 8) and ranking_settled(used, settle_z) == (settle_z < 1)
+        torch.testing.assert_close(used, full[:, :k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reward, full[:, :k].mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full_reward, full.mean(1), rtol=1e-5, atol=1e-5)
+    # a timestep window changes the draws
+    _, windowed = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, t_range=(0.5, 1.0))
+    assert not torch.allclose(windowed, full)
