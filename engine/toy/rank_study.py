@@ -40,12 +40,16 @@ class RankStudyConfig:
     """Adaptive K: the stopping thresholds to evaluate."""
     prompts: int | None = None
     """Only the first N prompts (None: all)."""
+    t_range: tuple[float, float] | None = None
+    """Timestep window of the draws (None: the run's sail.rank_t_range)."""
 
     def __post_init__(self):
         require(self.iteration >= 1, "iteration", "must be >= 1")
         require(self.max_draws >= 2, "max_draws", "must be >= 2")
         require(all(1 <= k <= self.max_draws for k in self.ks), "ks", f"must be in 1..max_draws, got {self.ks}")
         require(self.block >= 1 and all(z > 0 for z in self.settle_z), "block", "block >= 1 and settle_z > 0")
+        require(self.t_range is None or 0.0 <= self.t_range[0] < self.t_range[1] <= 1.0, "t_range",
+                f"must be 0 <= lo < hi <= 1, got {self.t_range}")
 
 
 def _pair(per_draw: np.ndarray) -> tuple[int, int]:
@@ -117,7 +121,7 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
         _, per = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled, draws=cfg.max_draws,
                                beta=run_cfg.train.beta, seed=seeds.ranking_draws(run_cfg.seed, i, p),
                                batch=run_cfg.sail.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
-                               t_range=run_cfg.sail.rank_t_range)
+                               t_range=cfg.t_range or run_cfg.sail.rank_t_range)
         per_draws.append(per.double().numpy())
         scores.append(np.asarray(oracle(latents_to_uint8(latents), [cands.prompts[p]] * len(latents)), np.float64))
     rows = analyse(per_draws, scores, cfg)
