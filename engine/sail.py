@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -194,6 +195,18 @@ def ranking_settled(per_draw: torch.Tensor, settle_z: float) -> bool:
             and pair_confidence(d[order[-2]], d[order[-1]]) >= settle_z)
 
 
+def draws_until_settled(block_values: Callable[[slice], torch.Tensor], draws: int, block: int,
+                        settle_z: float) -> torch.Tensor:
+    """The adaptive-K rule: per-draw values [N, k] of blocks of ``block`` draws
+    (``block_values(slice)`` -> [N, len]) until ``ranking_settled`` or all ``draws`` are used."""
+    parts = []
+    for k0 in range(0, draws, block):
+        parts.append(block_values(slice(k0, k0 + block)))
+        if ranking_settled(torch.cat(parts, 1), settle_z):
+            break
+    return torch.cat(parts, 1)
+
+
 @torch.no_grad()
 def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
                   batch: int, vae_factor: int = 8, t_range: tuple[float, float] = (0.0, 1.0), block: int = 0,
@@ -211,14 +224,9 @@ def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, b
     if block <= 0 or block >= draws:
         out = _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta, batch, vae_factor)
         return out.reward[0].cpu(), out.per_draw[0].cpu()
-    parts = []
-    for k0 in range(0, draws, block):
-        sl = slice(k0, k0 + block)
-        parts.append(_reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], eps[sl], beta, batch,
-                                   vae_factor).per_draw[0].cpu())
-        if ranking_settled(torch.cat(parts, 1), settle_z):
-            break
-    per_draw = torch.cat(parts, 1)
+    per_draw = draws_until_settled(
+        lambda sl: _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], eps[sl], beta, batch,
+                                 vae_factor).per_draw[0].cpu(), draws, block, settle_z)
     return per_draw.mean(1), per_draw
 
 

@@ -26,7 +26,7 @@ from sail.engine.config import DistributedConfig, TrainConfig
 from sail.engine.io import read_json, write_json, write_safetensors
 from sail.engine.optim import (build_lr_scheduler, build_optimizer, check_batch_arithmetic, deepspeed_config,
                                reference_deepspeed_config)
-from sail.engine.ranks import Ranks, init_ranks
+from sail.engine.ranks import Ranks, init_ranks, single_process
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class LocalStrategy(Strategy):
 
     def __init__(self, train: TrainConfig, dist: DistributedConfig, ranks: Ranks | None = None):
         self.train, self.dist = train, dist
-        self.ranks = ranks or init_ranks(dataclasses.replace(dist, backend="local"))
+        self.ranks = ranks or single_process()
         self.precision = resolve_precision(train.precision, self.device)
         self.compute_dtype = DTYPES[self.precision]
         self._micro = 0

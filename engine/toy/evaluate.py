@@ -34,8 +34,8 @@ class EvalSettings:
 
     seeds_per_prompt: int = 10
     """Images per prompt, seeds fixed by (world seed, prompt index, image index)."""
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=1.5, batch_size=512))
-    """Sampler, steps, guidance and batch (the world's)."""
+    sampling: SamplingConfig = field(default_factory=lambda: ToyWorldConfig().sampling)
+    """Sampler, steps, guidance and batch (default: the toy world's)."""
     world_seed: int = 0
     """Seed of the evaluation image seeds (the same for every model compared)."""
     grid_prompts: int = 12

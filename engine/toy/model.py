@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sail.engine.models import load_components
 from sail.engine.toy.world import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -146,8 +147,6 @@ class ToyModel:
 def load_toy_model(folder: str | os.PathLike) -> ToyModel:
     """The four components of a toy (or any SD1.5-style, VAE-less) model folder, frozen and in
     eval mode, through the engine's one loader (``engine.models.load_components``)."""
-    from sail.engine.models import load_components   # lazy: models -> config -> toy.world
-
     comps = load_components(folder, with_vae=False)
     unet = comps.unet.eval().requires_grad_(False)
     return ToyModel(unet, comps.text_encoders[0], comps.tokenizers[0], comps.noise_scheduler, Path(folder))

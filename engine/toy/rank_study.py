@@ -58,13 +58,12 @@ def _pair(per_draw: np.ndarray) -> tuple[int, int]:
 
 
 def adaptive_draws(per_draw: np.ndarray, block: int, settle_z: float) -> int:
-    """The draws adaptive K would use on this prompt: blocks until ``ranking_settled``."""
-    from sail.engine.sail import ranking_settled
+    """The draws adaptive K would use on this prompt: the ranking's own rule
+    (``engine.sail.draws_until_settled``) run on the prefixes of ``per_draw``."""
+    from sail.engine.sail import draws_until_settled
 
-    k = min(block, per_draw.shape[1])
-    while k < per_draw.shape[1] and not ranking_settled(torch.from_numpy(per_draw[:, :k]), settle_z):
-        k += block
-    return min(k, per_draw.shape[1])
+    values = torch.from_numpy(per_draw)
+    return draws_until_settled(lambda sl: values[:, sl], per_draw.shape[1], block, settle_z).shape[1]
 
 
 def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStudyConfig) -> list[dict]:
