@@ -7,6 +7,9 @@ Arms (each a run directory per seed, all from one base config):
     no_mixup        SAIL with alpha = 1 (only generated pairs after iteration 0)
     random_pairing  SAIL pairing two random candidates instead of best and worst
     online_dpo      the same loop ranked by the external scorer (the oracle on the toy world)
+    dpo_seed_budget method dpo on the seed set for SAIL's total optimizer steps (iteration 0's
+                    plus every iteration's): the seed-only continuation at equal steps
+    sspo            method sspo (engine/sspo.py) on the seed set's winners, SAIL's total steps
 
 The last three differ from ``sail`` only after iteration 0, so they fork its run directory
 there (hard links of base_eval/, iter_000/, the seed cache and their manifest entries) instead
@@ -48,6 +51,7 @@ class Arm:
     name: str
     overrides: tuple[str, ...]
     fork: bool            # fork the sail arm's iteration 0
+    budget: bool = False  # train.steps = the sail arm's total optimizer steps (one stage)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -56,6 +60,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("no_mixup", ("sail.alpha=1.0",), True),
     Arm("random_pairing", ('sail.pairing="random"',), True),
     Arm("online_dpo", ('method="online_dpo"',), True),
+    Arm("dpo_seed_budget", ('method="dpo"',), False, budget=True),
+    Arm("sspo", ('method="sspo"',), False, budget=True),
 )}
 
 # table rows: (label, arm, iteration directory)
@@ -68,14 +74,22 @@ ROWS = (
     ("SAIL iteration 2, no mixup (alpha = 1)", "no_mixup", "iter_002"),
     ("SAIL iteration 2, random pairing", "random_pairing", "iter_002"),
     ("OnlineDPO iteration 2 (oracle-ranked)", "online_dpo", "iter_002"),
+    ("DPO, seed set, SAIL's total steps", "dpo_seed_budget", "iter_000"),
+    ("SSPO, seed set winners, SAIL's total steps", "sspo", "iter_000"),
 )
 COLUMNS = (("oracle/mean", "oracle"), ("fidelity/all", "fidelity"), ("diversity/pairwise_rms", "diversity"),
            ("self_rank_agreement", "self-rank agreement"), ("self_rank_kendall_tau", "self-rank tau"))
 
 
+def total_steps(cfg: RunConfig) -> int:
+    """Optimizer steps of a whole SAIL run: iteration 0's and every iteration's."""
+    return cfg.train.steps + cfg.sail.iterations * (cfg.sail.train_steps or cfg.train.steps)
+
+
 def arm_config(base: dict, arm: Arm, seed: int, out: Path, where: str) -> RunConfig:
     """The run config of one arm and training seed (``base``: the resolved config dict)."""
-    overrides = list(arm.overrides) + [f"seed={seed}", f"run_dir={json.dumps(str(out / f'seed{seed}' / arm.name))}",
+    budget = [f"train.steps={total_steps(config_from_dict(base, where))}"] if arm.budget else []
+    overrides = list(arm.overrides) + budget + [f"seed={seed}", f"run_dir={json.dumps(str(out / f'seed{seed}' / arm.name))}",
                                        f"name={json.dumps(f'{arm.name}_seed{seed}')}"]
     return config_from_dict(apply_overrides(json.loads(json.dumps(base)), overrides, where), where)
 

@@ -305,6 +305,26 @@ class SailConfig:
 
 
 @dataclass
+class SSPOConfig:
+    """SSPO (docs/method.md, SSPO): random checkpoint replay and self-sampling regularization,
+    trained on the winners of the preference set (train.* gives beta, steps, optimizer)."""
+
+    checkpoint_every: int = 30
+    """Optimizer steps between the policy snapshots added to the replay pool (paper: 30)."""
+    pool_size: int = 7
+    """Checkpoints in the pool: the newest ones, the initial model first (paper: 7)."""
+    switch: bool = True
+    """Self-sampling regularization; false: Diffusion-DPO with the reference sample as the loser."""
+    sampling: SamplingConfig | None = None
+    """How each checkpoint draws its reference samples x_ref (None: as SAIL draws its candidates,
+    sail.sampling)."""
+
+    def __post_init__(self):
+        require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        require(self.pool_size >= 1, "pool_size", f"must be >= 1, got {self.pool_size}")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation after each iteration (held-out prompts, fixed seeds)."""
 
@@ -327,8 +347,8 @@ class RunConfig:
 
     name: str = "run"
     """Run name; the run directory defaults to runs/<name>."""
-    method: Literal["dpo", "sail", "online_dpo"] = "dpo"
-    """dpo: one Diffusion-DPO stage; sail / online_dpo: the iterative loop."""
+    method: Literal["dpo", "sail", "online_dpo", "sspo"] = "dpo"
+    """dpo: one Diffusion-DPO stage; sail / online_dpo: the iterative loop; sspo: one SSPO stage."""
     seed: int = 0
     run_dir: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="tiny-sd15"))
@@ -336,6 +356,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sail: SailConfig = field(default_factory=SailConfig)
+    sspo: SSPOConfig = field(default_factory=SSPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     world: str = "pickapic"
     """Where data, prompt pools, evaluation and ground truth come from (engine/worlds.py):
@@ -347,6 +368,10 @@ class RunConfig:
         require(bool(self.name) and "/" not in self.name, "name", f"must be a plain name, got {self.name!r}")
         require(self.model.lora.rank == 0 or self.sail.train_reference == "previous", "sail.train_reference",
                 "with LoRA the DPO reference is the policy with its adapters off: only 'previous'")
+        require(self.model.lora.rank == 0 or self.method != "sspo", "method",
+                "sspo replays full checkpoints as references: not with LoRA (model.lora.rank > 0)")
+        require(self.method != "sspo" or self.train.loss.name != "dpop", "train.loss",
+                "sspo's switch and the dpop hinge change the same margin: use dpo or dpo_sft")
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -404,6 +429,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 __all__ = [
     "ConfigError", "LoRAConfig", "LossConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "SchedulerConfig",
-    "TrainConfig", "DistributedConfig", "SamplingConfig", "SailConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
+    "TrainConfig", "DistributedConfig", "SamplingConfig", "SailConfig", "SSPOConfig", "EvalConfig", "RunConfig", "load_config", "config_from_dict",
     "config_to_dict", "find_config", "CONFIG_DIR",
 ]

@@ -5,7 +5,8 @@
 
 A stage runs only if the manifest does not record it, so a killed run resumes at its first
 incomplete stage; ``--stage NAME --iteration I`` runs one stage alone (its inputs must exist).
-``method: online_dpo`` is the same loop ranked by an external scorer instead of the self-reward.
+``method: online_dpo`` is the same loop ranked by an external scorer instead of the self-reward;
+``method: sspo`` is iteration 0 with an SSPO training stage (engine/sspo.py).
 """
 from __future__ import annotations
 
@@ -162,8 +163,11 @@ class Controller:
             cfg = dataclasses.replace(self.cfg, train=iteration_train_config(self.cfg))
         ref = self.model(i - 1) if i == 0 else self.model({"previous": i - 1, "anchor": 0,
                                                                 "base": -1}[self.cfg.sail.train_reference])
+        sspo = None
+        if self.cfg.method == "sspo":
+            sspo = dataclasses.replace(self.cfg.sspo, sampling=self.cfg.sspo.sampling or self.cfg.sail.sampling)
         run_dpo_stage(cfg, self.ranks, self.model(i - 1), train_set, self.it_dir(i), seed=seeds.stage_training(self.cfg.seed, i),
-                      tag=f"iter{i}", reference_model=ref)
+                      tag="sspo" if sspo else f"iter{i}", reference_model=ref, sspo=sspo)
         return [self.layout.model(i)]
 
     def evaluate(self, i: int) -> list:

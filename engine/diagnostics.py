@@ -30,6 +30,7 @@ def _rows(run_dir: Path) -> list[dict]:
             final = read_json(lay.train_metrics(i)).get("final", {})
             row["train/implicit_acc"] = final.get("implicit_acc")
             row["train/reward_margin"] = final.get("reward_margin")
+            row["train/winner_worse"] = final.get("winner_worse")
         if i >= 0 and lay.diagnostics(i).is_file():
             diag = read_json(lay.diagnostics(i))
             row["self_rank_agreement"] = diag["self_rank_agreement"]
@@ -56,11 +57,17 @@ def write_report(run_dir: Path, cfg) -> Path:
     cols = [("oracle/mean", "oracle"), ("oracle/se", "s.e."), ("fidelity/all", "fidelity"),
             ("diversity/pairwise_rms", "diversity"), ("self_rank_agreement", "self-rank agreement"),
             ("self_rank_kendall_tau", "self-rank tau"), ("pair_reward_margin_p50", "median pair margin"),
-            ("train/implicit_acc", "train implicit acc")]
-    lines = [f"# {cfg.name}: {cfg.method}", "",
-             f"alpha {cfg.sail.alpha}, pairing {cfg.sail.pairing}, ranking reference {cfg.sail.rank_reference}, "
-             f"N {cfg.sail.candidates}, K {cfg.sail.rank_draws}, beta {cfg.train.beta}, lr {cfg.train.optimizer.lr}, "
-             f"loss {_objective(cfg.train.loss)} (iterations: {_objective(cfg.sail.loss or cfg.train.loss)})", "",
+            ("train/implicit_acc", "train implicit acc"), ("train/winner_worse", "train winner-worse (SSPO switch)")]
+    if cfg.method == "sspo":
+        s = cfg.sspo
+        settings = (f"SSPO: pool of {s.pool_size}, a checkpoint every {s.checkpoint_every} steps, switch {s.switch}, "
+                    f"{cfg.train.steps} steps, beta {cfg.train.beta}, lr {cfg.train.optimizer.lr}, "
+                    f"loss {_objective(cfg.train.loss)}")
+    else:
+        settings = (f"alpha {cfg.sail.alpha}, pairing {cfg.sail.pairing}, ranking reference {cfg.sail.rank_reference}, "
+                    f"N {cfg.sail.candidates}, K {cfg.sail.rank_draws}, beta {cfg.train.beta}, lr {cfg.train.optimizer.lr}, "
+                    f"loss {_objective(cfg.train.loss)} (iterations: {_objective(cfg.sail.loss or cfg.train.loss)})")
+    lines = [f"# {cfg.name}: {cfg.method}", "", settings, "",
              "| iteration | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row['iteration']} | " + " | ".join(_fmt(row.get(k)) for k, _ in cols) + " |")

@@ -8,7 +8,8 @@ stage after a checkpoint), in a subprocess by starting the entry point through
 
 Points: generate (a rank's candidates sampled, not yet written), rank (half of a rank's
 prompts ranked), pair, mix (outputs written, manifest not yet), train (a step checkpoint
-saved; ``step``), evaluate.
+saved; ``step``), sspo_samples (a segment's reference samples written, its first step not yet
+trained; ``step``), evaluate.
 """
 from __future__ import annotations
 

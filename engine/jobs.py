@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sail.engine.config import RunConfig
+from sail.engine.config import RunConfig, SSPOConfig
 from sail.engine.configtree import ConfigError
 from sail.engine.data.cache import TrainSet
 from sail.engine.data.encode import encode_pickapic
@@ -53,9 +53,10 @@ def encode_seed_pairs(cfg: RunConfig, ranks: Ranks, model_dir: str) -> Path:
 
 
 def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
-                  tag: str = "dpo", reference_model: str | None = None) -> StageResult:
+                  tag: str = "dpo", reference_model: str | None = None, sspo: SSPOConfig | None = None) -> StageResult:
     """DPO from ``init_model`` against ``reference_model`` (default: the init model); writes
-    ``out_dir/model`` and ``out_dir/metrics.json``."""
+    ``out_dir/model`` and ``out_dir/metrics.json``. With ``sspo``: SSPO (engine/sspo.py), the
+    pool starting from the init model."""
     strategy = make_strategy(cfg.train, cfg.distributed, ranks)
     comps = load_components(init_model, with_text=False, with_vae=False)
     use_lora = cfg.model.lora.rank > 0
@@ -79,7 +80,7 @@ def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: Trai
     log.info("training: %s, attention %s", describe_strategy(strategy), backend)
     t0 = time.perf_counter()
     result = train_dpo(cfg.train, strategy, comps.noise_scheduler, train_set, out_dir, seed=seed,
-                       empty_prompt_prob=cfg.data.empty_prompt_prob, tag=tag)
+                       empty_prompt_prob=cfg.data.empty_prompt_prob, tag=tag, sspo=sspo)
     state = strategy.policy_state_dict()
     if strategy.is_main:
         if use_lora:   # adapters in the diffusers format, and the merged full UNet for later stages
@@ -89,8 +90,10 @@ def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: Trai
         write_stage_metrics(out_dir / "metrics.json", result, {
             "seconds": time.perf_counter() - t0, "attention_backend": backend,
             "strategy": describe_strategy(strategy), "init_model": init_model,
-            "reference_model": reference_model, "pairs": len(train_set)})
+            "reference_model": reference_model, "pairs": len(train_set),
+            **({"sspo": result.sspo} if result.sspo is not None else {})})
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out_dir / "sspo", ignore_errors=True)
     strategy.barrier()
     strategy.close()
     return result

@@ -22,8 +22,9 @@ from sail.kernels.rank_reward import rank_reward as _fused_rank_reward
 
 
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, *,
-             sft_weight: float = 0.0, hinge_weight: float = 0.0) -> DPOLossOutput:
-    """Diffusion-DPO loss, with the optional winner-preserving terms of ``kernels.dpo_loss``.
+             sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False) -> DPOLossOutput:
+    """Diffusion-DPO loss, with the optional winner-preserving terms of ``kernels.dpo_loss``,
+    or SSPO's self-sampling switch (``self_sampling``: the losers are reference samples).
 
     model_pred, ref_pred: [2P, C, H, W] laid out [winners; losers]; target: [2P, C, H, W]
     (per sample) or [P, C, H, W] (noise shared by the pair).
@@ -31,9 +32,13 @@ def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Ten
     ``loss = mean_pairs(-log sigmoid(z))``; implicit accuracy = mean(z > 0).
     ``hinge_weight`` lam (DPOP): ``z_h = -beta/2 (d_w - d_l + lam max(0, d_w))`` in the loss;
     ``sft_weight`` gamma (DPO + NLL): ``loss += gamma mean_pairs e_theta(w)``.
-    Returns the loss and per-pair z (the DPO margin), per-row policy and reference errors (detached).
+    ``self_sampling`` (SSPO, Zhang et al. 2410.05255): ``z_s = -beta/2 (d_w + d_l)`` on the pairs
+    with d_w > 0 (the reference sample counts as a winner), DPO's ``z`` on the others.
+    Returns the loss and per-pair z (the DPO margin), per-row policy and reference errors and the
+    per-pair flag d_w > 0 (detached).
     """
-    return _fused_dpo_loss(model_pred, ref_pred, target, beta, sft_weight=sft_weight, hinge_weight=hinge_weight)
+    return _fused_dpo_loss(model_pred, ref_pred, target, beta, sft_weight=sft_weight, hinge_weight=hinge_weight,
+                           self_sampling=self_sampling)
 
 
 def implicit_reward(cur_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,

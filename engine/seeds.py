@@ -57,6 +57,17 @@ def pair_draw(stage_seed: int, step: int, position: int) -> int:
     return (stage_seed * 1_000_003 + step) * 65_537 + position
 
 
+def replay_draw(stage_seed: int, step: int) -> int:
+    """SSPO: which checkpoint of the replay pool is the reference at ``step``."""
+    return combine(stage_seed, step, 31)
+
+
+def reference_sample(stage_seed: int, checkpoint_step: int, pair: int) -> int:
+    """SSPO: the sampling noise of the reference sample of training row ``pair`` drawn by the
+    pool's checkpoint of ``checkpoint_step`` (the same sample whichever step or rank needs it)."""
+    return combine(stage_seed, checkpoint_step, pair, 37)
+
+
 def encode_shard(run_seed: int, shard: int) -> tuple[list[int], int]:
     """Pre-encoding of a shard: (numpy seed for crops and flips, torch seed for VAE sampling)."""
     return [run_seed, shard], run_seed * 100003 + shard

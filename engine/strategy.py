@@ -7,7 +7,8 @@ loaded from disk by the caller, never deep-copied from a partitioned model) and 
 frozen replica under ZeRO 0-2.
 
 Verbs: prepare, policy / reference (callables), backward, step, grad_norm, lr, save_checkpoint,
-load_checkpoint, policy_state_dict, all_reduce_mean, barrier, is_main, close.
+load_checkpoint, policy_state_dict, load_reference (SSPO's replay), all_reduce_mean, barrier,
+is_main, close.
 """
 from __future__ import annotations
 
@@ -174,6 +175,10 @@ class LocalStrategy(Strategy):
     def policy_state_dict(self) -> dict | None:
         return {k: v.detach().float().cpu() for k, v in self.policy.state_dict().items()}
 
+    def load_reference(self, state: dict) -> None:
+        """Replace the reference's weights (every rank passes the same ``state``)."""
+        self.reference.load_state_dict(state)
+
 
 def optimizer_state_to_flat(state: dict) -> tuple[dict, dict]:
     """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest). One level of
@@ -293,6 +298,25 @@ class DeepSpeedStrategy(Strategy):
             if self.is_main:
                 out[name] = buf.detach().float().cpu()
         return out if self.is_main else None
+
+    def load_reference(self, state: dict) -> None:
+        """Replace the reference's weights (every rank passes the same full ``state``); under
+        ZeRO-3 the partitioned engine's parameters are gathered, written on rank 0 and
+        re-partitioned."""
+        if self.dist.zero_stage != 3:
+            self.reference.load_state_dict(state)
+            return
+        import deepspeed
+
+        module = self.reference.module
+        params = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if self.is_main:
+                with torch.no_grad():
+                    for name, param in params.items():
+                        param.copy_(state[name])
+        for name, buf in module.named_buffers():
+            buf.copy_(state[name])
 
     def _gather(self, params):
         import deepspeed

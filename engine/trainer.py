@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sail.engine.config import LossConfig, TrainConfig
+from sail.engine.config import LossConfig, SSPOConfig, TrainConfig
 from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_json
 from sail.engine.losses import dpo_loss
@@ -33,6 +33,8 @@ class StageResult:
     steps: int
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    sspo: dict | None = None
+    """SSPO stages: the replay pool's summary (engine/sspo.py)."""
 
 
 class PairSchedule:
@@ -75,8 +77,9 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.Tensor, noise: torch.Tensor,
                 empty: torch.Tensor, empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, beta: float,
-                objective: LossConfig | None = None):
-    """Policy and reference predictions on [winners; losers] with shared t and noise; the loss."""
+                objective: LossConfig | None = None, self_sampling: bool = False):
+    """Policy and reference predictions on [winners; losers] with shared t and noise; the loss
+    (``self_sampling``: SSPO's switch, the losers being reference samples)."""
     dev, dtype = strategy.device, strategy.compute_dtype
     latents = torch.cat([batch.latents_w, batch.latents_l]).to(dev)
     t2, noise2 = torch.cat([t, t]).to(dev), torch.cat([noise, noise]).to(dev)
@@ -96,13 +99,17 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
         model_pred = strategy.policy(x_in, t2, **kwargs).sample
         with torch.no_grad():   # LoRA mode: no reference model, the policy with adapters off
             ref_pred = reference_forward(strategy.policy, strategy.reference, x_in, t2, **kwargs).sample
-    return dpo_loss(model_pred, ref_pred, target, beta, **(objective.kernel_weights() if objective else {}))
+    return dpo_loss(model_pred, ref_pred, target, beta, self_sampling=self_sampling,
+                    **(objective.kernel_weights() if objective else {}))
 
 
 def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: TrainSet, run_dir: Path, *,
-              seed: int, empty_prompt_prob: float, tag: str = "dpo") -> StageResult:
+              seed: int, empty_prompt_prob: float, tag: str = "dpo", sspo: SSPOConfig | None = None) -> StageResult:
     """Train ``strategy.policy`` against ``strategy.reference`` for ``cfg.steps`` optimizer steps,
-    resuming from ``run_dir/checkpoints`` when a checkpoint is there."""
+    resuming from ``run_dir/checkpoints`` when a checkpoint is there.
+
+    With ``sspo``: SSPO (engine/sspo.py) on the winners of ``train_set``; the reference is a
+    checkpoint drawn from the replay pool each step and the second row of each pair its sample."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     micro, world = cfg.micro_batch_pairs, strategy.world_size
@@ -113,25 +120,37 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
     client = strategy.load_checkpoint(ckpt_dir)
     start = client["step"] if client else 0
     history = list(client.get("history", [])) if client else []
+    replay = None
+    if sspo is not None:
+        from sail.engine.sspo import ReplayPool
+
+        replay = ReplayPool(sspo, run_dir / "sspo", strategy, noise_scheduler, train_set, seed=seed,
+                            total_steps=cfg.steps, rows_of_step=lambda s: schedule.pairs(s, range(global_batch)))
     writer = _tensorboard(run_dir, tag) if strategy.is_main else None
-    sums = torch.zeros(7, device=strategy.device)   # loss, acc, margin, mw, ml, rw, rl: synced at log steps
+    sums = torch.zeros(8, device=strategy.device)   # loss, acc, margin, mw, ml, rw, rl, worse: synced at log steps
     count, t0 = 0, time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=tag, disable=not strategy.is_main, initial=start,
                total=cfg.steps)
     for step in bar:
+        if replay is not None:     # the step's reference checkpoint (and, at a segment start, its samples)
+            replay.begin_step(step, first=step == start)
         # ---- forward / backward over the accumulation micro-batches -------------------------
         for m in range(cfg.grad_accum):
             first = m * micro * world + strategy.rank * micro
             positions = range(first, first + micro)
-            batch = train_set.load(schedule.pairs(step, positions))
+            rows = schedule.pairs(step, positions)
+            batch = train_set.load(rows)
+            if replay is not None:
+                batch = replay.with_reference_samples(step, rows, batch)
             t, noise, empty = schedule.draws(step, positions, latent_shape)
             out = dpo_forward(strategy, noise_scheduler, batch, t, noise, empty, train_set.empty_hidden,
-                              train_set.empty_pooled, cfg.beta, cfg.loss)
+                              train_set.empty_pooled, cfg.beta, cfg.loss,
+                              self_sampling=replay is not None and replay.cfg.switch)
             strategy.backward(out.loss)
             strategy.step()
             w, l = out.model_err.chunk(2), out.ref_err.chunk(2)
             sums += torch.stack([out.loss.detach().float(), (out.z > 0).float().mean(), out.z.mean(),
-                                 w[0].mean(), w[1].mean(), l[0].mean(), l[1].mean()])
+                                 w[0].mean(), w[1].mean(), l[0].mean(), l[1].mean(), out.winner_worse.mean()])
             count += 1
         done = step + 1
         # ---- logging: the only host syncs of the loop ------------------------------------------
@@ -152,12 +171,15 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
     if writer is not None:
         writer.close()
     final = {k: v for k, v in history[-1].items()} if history else {}
-    return StageResult(steps=cfg.steps, metrics=final, history=history)
+    return StageResult(steps=cfg.steps, metrics=final, history=history,
+                       sspo=replay.summary() if replay is not None else None)
 
 
 def _log_row(strategy: Strategy, means: torch.Tensor, step: int, pairs_per_s: float) -> dict:
     means = strategy.all_reduce_mean(means).tolist()
-    keys = ["loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l"]
+    # winner_worse: share of pairs with e_theta(w) > e_ref(w); under SSPO the switch rate.
+    keys = ["loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
+            "winner_worse"]
     row = {"step": step, **dict(zip(keys, means))}
     row.update(lr=strategy.lr(), grad_norm=float(strategy.grad_norm()), pairs_per_s=pairs_per_s,
                **{"memory_peak_gib": _peak_memory_gib(strategy.device)})

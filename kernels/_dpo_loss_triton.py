@@ -24,6 +24,8 @@ finalize's coefficients, never the passes:
     hinge (DPOP):  z_h = -beta/2 (d_w - d_l + lam max(0, d_w))
                    coef_w = beta sigmoid(-z_h) (1 + lam [d_w > 0]) / (D P),  coef_l as above
     winner SFT:    loss += gamma mean_pairs e_theta(w),  coef_w += 2 gamma / (D P)
+    SSPO switch:   q = -1 if d_w > 0 else 1,  z_s = -beta/2 (d_w - q d_l)
+                   coef_w as above with z_s,  coef_l = -q beta sigmoid(-z_s) / (D P)
 """
 import torch
 import triton
@@ -57,9 +59,10 @@ def _store_row_means(dst_ptr, part_ptr, w, l, mask, n_chunks, inv_d, BLOCK_P: tl
 
 @triton.jit
 def _dpo_finalize_kernel(
-    part_ptr, z_ptr, model_err_ptr, ref_err_ptr, coef_ptr, loss_ptr,
+    part_ptr, z_ptr, model_err_ptr, ref_err_ptr, worse_ptr, coef_ptr, loss_ptr,
     pairs, n_chunks, inv_d, half_beta, sft_weight, hinge_weight,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SFT: tl.constexpr, HAS_HINGE: tl.constexpr,
+    HAS_SWITCH: tl.constexpr,
 ):
     """One program: reduce the [3, 2P, chunks] partial sums and apply the per-pair math.
 
@@ -75,8 +78,12 @@ def _dpo_finalize_kernel(
         d_l = row_totals(part_ptr, l, m, n_chunks, BLOCK_P, BLOCK_C) * inv_d
         z = -half_beta * (d_w - d_l)                   # the DPO margin (logged as z)
         z_loss = z
+        q = 1.0                                        # SSPO: -1 where x_ref counts as a winner
         if HAS_HINGE:
             z_loss = -half_beta * (d_w - d_l + hinge_weight * tl.maximum(d_w, 0.0))
+        if HAS_SWITCH:
+            q = tl.where(d_w > 0.0, -1.0, 1.0)
+            z_loss = -half_beta * (d_w - q * d_l)
         loss_acc += tl.where(m, _softplus(-z_loss), 0.0)    # -log sigmoid(z) = softplus(-z)
         # coef = beta * sigmoid(-z) / (D * P), + for the winner, - for the loser (module doc).
         coef = 2.0 * half_beta * tl.sigmoid(-z_loss) * inv_d / pairs
@@ -88,8 +95,9 @@ def _dpo_finalize_kernel(
             loss_acc += tl.where(m, sft_weight * e_w, 0.0)
             coef_w += 2.0 * sft_weight * inv_d / pairs
         tl.store(z_ptr + w, z, mask=m)
+        tl.store(worse_ptr + w, tl.where(d_w > 0.0, 1.0, 0.0), mask=m)
         tl.store(coef_ptr + w, coef_w, mask=m)
-        tl.store(coef_ptr + l, -coef, mask=m)
+        tl.store(coef_ptr + l, -q * coef, mask=m)
         # e_theta and e_ref of winners and losers, reported for logging.
         _store_row_means(model_err_ptr, part_ptr + plane, w, l, m, n_chunks, inv_d, BLOCK_P, BLOCK_C)
         _store_row_means(ref_err_ptr, part_ptr + 2 * plane, w, l, m, n_chunks, inv_d, BLOCK_P, BLOCK_C)
@@ -125,11 +133,12 @@ def _dpo_grad_kernel(
 
 
 def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: float, plan: RowPlan,
-                sft_weight: float = 0.0, hinge_weight: float = 0.0):
+                sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False):
     """Pass 1 + finalize.  p2, r2: [2P, D]; t2: [2P, D] or [P, D] (shared by a pair);
-    ``sft_weight`` (gamma) and ``hinge_weight`` (lam): the winner-preserving terms, 0 = off.
+    ``sft_weight`` (gamma) and ``hinge_weight`` (lam): the winner-preserving terms, 0 = off;
+    ``self_sampling``: SSPO's switch.
 
-    Returns (loss [], z [P], model_err [2P], ref_err [2P], coef [2P]), all fp32."""
+    Returns (loss [], z [P], model_err [2P], ref_err [2P], winner_worse [P], coef [2P]), all fp32."""
     rows, n_cols = p2.shape
     pairs = rows // 2
     # A [P, D] target is shared by row i and row i + P: t_row = i mod P (group 2P, period P).
@@ -139,15 +148,16 @@ def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: floa
     z = torch.empty(pairs, device=dev, dtype=torch.float32)
     model_err = torch.empty(rows, device=dev, dtype=torch.float32)
     ref_err = torch.empty(rows, device=dev, dtype=torch.float32)
+    worse = torch.empty(pairs, device=dev, dtype=torch.float32)
     coef = torch.empty(rows, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
     block_c = chunk_tile(plan.chunks)
     block_p = max(2, min(triton.next_power_of_2(pairs), FINALIZE_TILE // block_c))
     _dpo_finalize_kernel[(1,)](
-        part, z, model_err, ref_err, coef, loss, pairs, plan.chunks, 1.0 / n_cols, 0.5 * beta,
+        part, z, model_err, ref_err, worse, coef, loss, pairs, plan.chunks, 1.0 / n_cols, 0.5 * beta,
         float(sft_weight), float(hinge_weight), BLOCK_P=block_p, BLOCK_C=block_c,
-        HAS_SFT=sft_weight != 0, HAS_HINGE=hinge_weight != 0, num_warps=4)
-    return loss, z, model_err, ref_err, coef
+        HAS_SFT=sft_weight != 0, HAS_HINGE=hinge_weight != 0, HAS_SWITCH=bool(self_sampling), num_warps=4)
+    return loss, z, model_err, ref_err, worse, coef
 
 
 def dpo_backward(p2: torch.Tensor, t2: torch.Tensor, coef: torch.Tensor, grad_loss: torch.Tensor,

@@ -2,6 +2,8 @@
 
     python tests/kill_at.py POINT launch/train.py --config ...
     deepspeed --num_gpus 2 tests/kill_at.py POINT launch/train.py --config ...
+
+POINT is a point's name, or NAME@STEP for the first time it is reached with that ``step``.
 """
 import os
 import runpy
@@ -14,6 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sail.engine import hooks  # noqa: E402
 
 point, script, *args = sys.argv[1:]
-hooks.install(lambda name, info: os.kill(os.getpid(), signal.SIGKILL) if name == point else None)
+name_, _, step_ = point.partition("@")
+
+
+def _kill(name: str, info: dict) -> None:
+    if name == name_ and (not step_ or info.get("step") == int(step_)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+hooks.install(_kill)
 sys.argv = [script, *args]
 runpy.run_path(script, run_name="__main__")

@@ -104,3 +104,13 @@ def test_user_variants_fork_iteration0_and_get_their_rows(tmp_path, toy_model, o
     for bad in ("nocolon", "sail:sail.alpha=1", "x y:sail.alpha=1", "empty:"):
         with pytest.raises(ConfigError, match="--variant"):
             parse_variant(bad)
+
+
+def test_budget_arms_train_one_stage_for_the_sail_runs_total_steps(tmp_path, toy_model):
+    """dpo_seed_budget and sspo get train.steps = iteration 0's + every iteration's steps."""
+    base = mini_config(tmp_path, toy_model, iterations=2)      # train.steps 3, sail.train_steps 2
+    for name, method in (("dpo_seed_budget", "dpo"), ("sspo", "sspo")):
+        cfg = arm_config(base, ARMS[name], 4, tmp_path / "out", "test")
+        assert (cfg.method, cfg.train.steps, cfg.seed) == (method, 3 + 2 * 2, 4)
+        assert ARMS[name].fork is False
+    assert arm_config(base, ARMS["random_pairing"], 4, tmp_path / "out", "test").train.steps == 3

@@ -34,10 +34,17 @@ def test_wrong_type_and_range_name_the_key(tmp_path):
 
 
 def test_keys_that_nothing_reads_are_refused_at_load(tmp_path):
-    """A config key either works or is refused: no method 'sspo' until it is built, and no
-    prediction-type override (the model folder's scheduler config says epsilon or v)."""
-    with pytest.raises(ConfigError, match=r"method: must be one of \['dpo', 'sail', 'online_dpo'\], got 'sspo'"):
-        load_config(_write(tmp_path, {**BASE, "method": "sspo"}))
+    """A config key either works or is refused: no method that is not built, SSPO not with
+    settings it cannot honour, and no prediction-type override (the model folder's scheduler
+    config says epsilon or v)."""
+    with pytest.raises(ConfigError, match=r"method: must be one of \['dpo', 'sail', 'online_dpo', 'sspo'\], got 'kto'"):
+        load_config(_write(tmp_path, {**BASE, "method": "kto"}))
+    with pytest.raises(ConfigError, match=r"method: sspo replays full checkpoints as references: not with LoRA"):
+        load_config(_write(tmp_path, {**BASE, "method": "sspo", "model": {"arch": "tiny-sd15", "lora": {"rank": 4}}}))
+    with pytest.raises(ConfigError, match=r"train.loss: sspo's switch and the dpop hinge"):
+        load_config(_write(tmp_path, {**BASE, "method": "sspo", "train": {"loss": {"name": "dpop", "lam": 1.0}}}))
+    with pytest.raises(ConfigError, match=r"sspo.checkpoint_every: must be >= 1"):
+        load_config(_write(tmp_path, {**BASE, "method": "sspo", "sspo": {"checkpoint_every": 0}}))
     with pytest.raises(ConfigError, match=r"unknown key 'model.prediction_type'"):
         load_config(_write(tmp_path, {**BASE, "model": {"arch": "tiny-sd15", "prediction_type": "epsilon"}}))
 

@@ -329,3 +329,77 @@ def test_zero_weights_are_plain_dpo_bit_for_bit():
     diff = ((pf - rf) * (pf + rf - 2 * tf)).mean(1)
     z = -0.5 * beta * (diff[:4] - diff[4:])
     assert torch.equal(out.loss, -F.logsigmoid(z).mean()) and torch.equal(out.z, z)
+
+
+# ------------------------------------------------------------------------------------------------
+# SSPO self-sampling regularization (self_sampling): the per-pair switch
+# ------------------------------------------------------------------------------------------------
+
+def float64_sspo(p, r, t, beta, sft_weight=0.0):
+    """SSPO's loss written by hand in float64 from the paper's two branches, one pair at a time:
+    d_w > 0 -> -log sigmoid(-beta/2 (d_w + d_ref)), else -log sigmoid(-beta/2 (d_w - d_ref))."""
+    pairs = p.shape[0] // 2
+    p64 = p.detach().double().requires_grad_()
+    t64 = t.double() if t.shape[0] == p.shape[0] else torch.cat([t.double(), t.double()])
+    model_err = (p64 - t64).flatten(1).pow(2).mean(1)
+    d = model_err - (r.double() - t64).flatten(1).pow(2).mean(1)
+    terms = []
+    for i in range(pairs):
+        d_w, d_ref = d[i], d[pairs + i]
+        if d_w.item() > 0:
+            terms.append(-F.logsigmoid(-0.5 * beta * (d_w + d_ref)))
+        else:
+            terms.append(-F.logsigmoid(-0.5 * beta * (d_w - d_ref)))
+    loss = torch.stack(terms).mean() + sft_weight * model_err[:pairs].mean()
+    loss.backward()
+    return loss.detach(), (d[:pairs] > 0).double().detach(), p64.grad
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 3.0], ids=["switch", "switch+sft"])
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_case_id)
+def test_sspo_switch_matches_float64(device, path, dtype, sft_weight):
+    """Both branches in one batch (winners alternate d_w > 0 and d_w < 0): loss, switch flags
+    and gradient against the float64 formula written per pair."""
+    p, r, t = mixed_sign_inputs(device, dtype)
+    beta = moderate_beta(p, r, t)
+    p.requires_grad_()
+    fn = dpo_loss_triton if path == "triton" else dpo_loss_reference
+    out = fn(p, r, t, beta, self_sampling=True, sft_weight=sft_weight,
+             **(dict(block=16, programs=12) if path == "triton" else {}))
+    out.loss.backward()
+    loss64, worse64, grad64 = float64_sspo(p, r, t, beta, sft_weight)
+    assert worse64.tolist() == [1.0, 0.0, 1.0, 0.0]          # both branches are exercised
+    assert out.winner_worse.cpu().double().tolist() == worse64.tolist()
+    assert_close_rel(out.loss, loss64, FWD_TOL[dtype], "loss")
+    assert_close_rel(p.grad, grad64, GRAD_TOL[dtype], "grad")
+
+
+def test_sspo_switch_flips_only_the_switched_reference_rows(device):
+    """On a switched pair (d_w > 0) the reference sample's gradient has the winner's sign (it is
+    pulled towards the target too); elsewhere it is DPO's loser gradient."""
+    p, r, t = mixed_sign_inputs(device, torch.float32)
+    beta, D, P = moderate_beta(p, r, t), 105, 4
+    p.requires_grad_()
+    dpo_loss_triton(p, r, t, beta, self_sampling=True).loss.backward()
+    d = ((p.detach().double() - t.double()) ** 2 - (r.double() - t.double()) ** 2).flatten(1).mean(1)
+    q = torch.where(d[:P] > 0, -1.0, 1.0).double()
+    s = torch.sigmoid(0.5 * beta * (d[:P] - q * d[P:]))
+    coef = torch.cat([beta * s / (D * P), -q * beta * s / (D * P)]).view(-1, 1, 1, 1)
+    assert_close_rel(p.grad, coef * (p.detach().double() - t.double()), 1e-5, "grad")
+    # the switched pairs' reference rows descend their error, like winners
+    assert ((p.grad[P::2] * (p.detach()[P::2] - t[P::2])).sum() > 0)
+
+
+def test_sspo_without_a_switch_is_plain_dpo():
+    """When no winner is fit worse than by the reference, SSPO is Diffusion-DPO with x_ref as
+    the loser, bit for bit; and the DPOP hinge cannot be combined with the switch."""
+    p, r, t = (x.cpu() for x in make_inputs(3, (4, 6), torch.float32, False, "cpu", seed=5))
+    for i in range(3):                     # reference further from the target: d_w < 0
+        r[i] = t[i] + 2.0 * (p[i] - t[i])
+    beta = moderate_beta(p, r, t)
+    plain, sspo = dpo_loss_reference(p, r, t, beta), dpo_loss_reference(p, r, t, beta, self_sampling=True)
+    assert sspo.winner_worse.sum() == 0
+    assert torch.equal(plain.loss, sspo.loss)
+    with pytest.raises(ValueError, match="self_sampling"):
+        dpo_loss_reference(p, r, t, beta, self_sampling=True, hinge_weight=1.0)

@@ -57,8 +57,8 @@ CASES = {
                              "sail.prompt_files: {t}/latin1.txt: cannot read prompts (UnicodeDecodeError"),
     "prompt_file_broken_parquet": (lambda t: {"eval__prompt_files": [_broken_parquet(t)]},
                                    "eval.prompt_files: {t}/broken.parquet: cannot read prompts"),
-    "unknown_method": (lambda t: {"method": "sspo"},
-                       "method: must be one of ['dpo', 'sail', 'online_dpo'], got 'sspo'"),
+    "unknown_method": (lambda t: {"method": "kto"},
+                       "method: must be one of ['dpo', 'sail', 'online_dpo', 'sspo'], got 'kto'"),
 }
 
 
