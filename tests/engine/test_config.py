@@ -101,9 +101,12 @@ def test_deepspeed_config_is_derived_from_ours(tmp_path):
 
 
 def test_shipped_configs_validate():
-    for name in ("sdxl_zero3.json", "sd15_dpo.json", "tiny_sd15.json"):
+    for name in ("sdxl_zero3.json", "sd15_dpo.json", "tiny_sd15.json", "sd15_sspo.json", "toy_sspo_cpu.json",
+                 "toy_cpu.json"):
         cfg = load_config(name)
         assert cfg.train.steps > 0
+    sspo = load_config("sd15_sspo.json")
+    assert (sspo.method, sspo.sspo.pool_size, sspo.sspo.checkpoint_every, sspo.train.steps) == ("sspo", 7, 30, 210)
     sdxl = load_config("sdxl_zero3.json")
     assert sdxl.distributed.zero_stage == 3 and sdxl.model.gradient_checkpointing
 
