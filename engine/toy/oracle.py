@@ -48,6 +48,26 @@ def size_and_centre_score(images: np.ndarray, prompts: Sequence[str] | None = No
     return np.where(r.has_shape, score, EMPTY_SCORE).astype(np.float64)
 
 
+def small_and_high_score(images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
+    """A second taste, opposed to the default on size (``toy.world.oracle =
+    "sail.engine.toy.oracle:small_and_high_score"``): small shapes in the upper part of the
+    image, horizontally centred, clear of the border. uint8 [B, H, W, 3] -> float64 [B]:
+
+    score = 1 - 0.5 sqrt(area) / W - 0.5 |cy - H/4| / (H/2) - 0.5 |cx - W/2| / (W/2) - (border coverage) / W,
+
+    on the same largest-blob readout as ``size_and_centre_score``; no blob scores -1. It checks
+    that settings chosen on the default taste do not only work for that taste (docs/sail_toy.md).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected uint8 [B, H, W, 3], got shape {images.shape}")
+    _, h, w, _ = images.shape
+    r = read_shapes(images)
+    score = (1.0 - 0.5 * np.sqrt(r.area) / w - 0.5 * np.abs(r.cy - h / 4.0) / (h / 2.0)
+             - 0.5 * np.abs(r.cx - w / 2.0) / (w / 2.0) - BORDER_WEIGHT * (r.alpha * border_ring(h, w)).sum(axis=(1, 2)) / w)
+    return np.where(r.has_shape, score, EMPTY_SCORE).astype(np.float64)
+
+
 def score(images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
     """The default oracle (``size_and_centre_score``)."""
     return size_and_centre_score(images, prompts)

@@ -88,3 +88,17 @@ def test_load_scorer():
                      ("sail.engine.toy.oracle:nope", "no callable")]:
         with pytest.raises(ValueError, match=msg):
             load_scorer(bad)
+
+
+def test_second_taste_prefers_small_and_high_and_disagrees_with_the_default():
+    from sail.engine.toy.oracle import small_and_high_score
+
+    small_high, large_centred = render("red circle on black", 6, (8, 4)), render("red circle on black", 12, (8, 8))
+    small_low = render("red circle on black", 6, (8, 12))
+    images = np.stack([small_high, large_centred, small_low])
+    second, default = small_and_high_score(images), size_and_centre_score(images)
+    assert second[0] > second[1] + 0.1 and second[0] > second[2] + 0.2     # small and high wins
+    assert default[1] > default[0]                                          # the default prefers the large one
+    blank = np.zeros((1, 16, 16, 3), np.uint8) + PALETTE[0].astype(np.uint8)
+    assert small_and_high_score(blank)[0] == EMPTY_SCORE
+    assert load_scorer("sail.engine.toy.oracle:small_and_high_score") is small_and_high_score
