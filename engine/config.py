@@ -255,6 +255,10 @@ class SailConfig:
     """K: (t, noise) draws per prompt, shared by its N candidates (the cap with rank_block)."""
     rank_t_range: tuple[float, float] = (0.0, 1.0)
     """Timesteps of the ranking draws, as fractions of the training timesteps: t ~ U[lo T, hi T)."""
+    rank_noise: Literal["shared", "antithetic", "own"] = "shared"
+    """Noise of the ranking draws: shared (K draws common to the N candidates), antithetic
+    (shared, in pairs (t, eps), (t, -eps)), or own (each candidate's own generation noise; the K
+    draws differ only in t)."""
     rank_block: int = 0
     """Adaptive K: draw this many at a time and stop once the best and the worst candidates are
     settled (rank_settle_z), at most rank_draws; 0 draws all rank_draws at once."""

@@ -35,6 +35,7 @@ from sail.engine.io import read_json, write_json, write_parquet, write_safetenso
 from sail.engine.losses import implicit_reward
 from sail.engine.models import encode_prompts, load_components, load_unet, native_time_ids, vae_scale_factor
 from sail.engine.ranks import Ranks
+from sail.engine.sampling import initial_noise
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class Candidates:
 
             self._shards[shard] = load_file(str(self.folder / f"cand_r{shard:03d}.safetensors"))
         return self._shards[shard]
+
+    def seeds_of(self, p: int) -> list[int]:
+        """The sampling seeds of prompt ``p``'s candidates, in candidate order."""
+        return [int(self.index["seed"][i]) for i in self._rows[p]]
 
     def of_prompt(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """latents [N, C, h, w], hidden [1, L, D], pooled [1, P] or None of prompt ``p``."""
@@ -207,36 +212,56 @@ def draws_until_settled(block_values: Callable[[slice], torch.Tensor], draws: in
     return torch.cat(parts, 1)
 
 
+def ranking_draws(seed: int, draws: int, n_train: int, t_range: tuple[float, float], shape, noise: str = "shared",
+                  cand_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K ranking draws of a prompt: t [K] uniform in ``t_range`` (fractions of the training
+    timesteps), and eps [K, *shape] shared by the candidates (``shared``; ``antithetic``: pairs
+    (t, eps), (t, -eps)), or [N, K, *shape] (``own``: each candidate's generation noise, from
+    ``cand_seeds``, at every draw)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = int(round(t_range[0] * n_train)), int(round(t_range[1] * n_train))
+    if noise == "antithetic":
+        half = (draws + 1) // 2
+        t = torch.randint(lo, hi, (half,), generator=gen).repeat_interleave(2)[:draws]
+        e = torch.randn((half, *shape), generator=gen)
+        return t, torch.stack([e, -e], 1).flatten(0, 1)[:draws]
+    t = torch.randint(lo, hi, (draws,), generator=gen)
+    if noise == "own":
+        own = initial_noise(cand_seeds, shape)
+        return t, own.unsqueeze(1).expand(len(cand_seeds), draws, *shape)
+    return t, torch.randn((draws, *shape), generator=gen)
+
+
 @torch.no_grad()
 def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
                   batch: int, vae_factor: int = 8, t_range: tuple[float, float] = (0.0, 1.0), block: int = 0,
-                  settle_z: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit reward of a prompt's N candidates over K (t, noise) draws shared by all N, with t
-    uniform in ``t_range`` (fractions of the training timesteps).
+                  settle_z: float = 2.0, noise: str = "shared", cand_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit reward of a prompt's N candidates over K (t, noise) draws (``ranking_draws``).
 
     ``block`` > 0: adaptive K. The draws are made ``block`` at a time and stop once
     ``ranking_settled`` (at most ``draws``); the first k draws are the same whatever K ends up.
     Returns reward [N] and per-draw values [N, k] (k = draws unless adaptive)."""
-    n_train = scheduler.config.num_train_timesteps
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(int(round(t_range[0] * n_train)), int(round(t_range[1] * n_train)), (draws,), generator=gen)
-    eps = torch.randn((draws, *latents.shape[1:]), generator=gen)
+    t, eps = ranking_draws(seed, draws, scheduler.config.num_train_timesteps, t_range, latents.shape[1:], noise,
+                           cand_seeds)
+    sl_eps = (lambda sl: eps[:, sl]) if noise == "own" else (lambda sl: eps[sl])
     if block <= 0 or block >= draws:
         out = _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta, batch, vae_factor)
         return out.reward[0].cpu(), out.per_draw[0].cpu()
     per_draw = draws_until_settled(
-        lambda sl: _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], eps[sl], beta, batch,
+        lambda sl: _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], sl_eps(sl), beta, batch,
                                  vae_factor).per_draw[0].cpu(), draws, block, settle_z)
     return per_draw.mean(1), per_draw
 
 
 def _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta: float, batch: int, vae_factor: int):
-    """``implicit_reward`` of the N candidates on the draws (t [k], eps [k, ...])."""
+    """``implicit_reward`` of the N candidates on the draws (t [k], eps [k, ...] shared by the
+    candidates or [N, k, ...] per candidate)."""
     n, shape, draws = latents.shape[0], latents.shape[1:], len(t)
     dev = next(cur.parameters()).device
+    per_cand = eps.dim() == latents.dim() + 1
     x0 = latents.to(dev).unsqueeze(1).expand(n, draws, *shape).reshape(n * draws, *shape)
     tt = t.to(dev).repeat(n)
-    noise = eps.to(dev).unsqueeze(0).expand(n, draws, *shape).reshape(n * draws, *shape)
+    noise = (eps.to(dev) if per_cand else eps.to(dev).unsqueeze(0).expand(n, draws, *shape)).reshape(n * draws, *shape)
     x_t = scheduler.add_noise(x0, noise, tt)
     h = hidden.to(dev).expand(n * draws, *hidden.shape[1:])
     p = pooled.to(dev).expand(n * draws, -1) if pooled is not None else None
@@ -247,6 +272,8 @@ def _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta: fl
     ref_pred = _forward_chunks(ref, x_t, tt, h, p, tids, batch).view(1, n, draws, *shape)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, tt).view(1, n, draws, *shape)
+    elif per_cand:
+        target = noise.view(1, n, draws, *shape)
     else:
         target = eps.to(dev).unsqueeze(0)                     # [1, K, ...] shared by the N candidates
     return implicit_reward(cur_pred, ref_pred, target, beta)
@@ -267,7 +294,8 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
             reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
                                              draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
                                              batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
-                                             t_range=cfg.rank_t_range, block=cfg.rank_block, settle_z=cfg.rank_settle_z)
+                                             t_range=cfg.rank_t_range, block=cfg.rank_block, settle_z=cfg.rank_settle_z,
+                                             noise=cfg.rank_noise, cand_seeds=cands.seeds_of(p))
             rows["prompt_idx"] += [p] * len(reward)
             rows["cand"] += list(range(len(reward)))
             rows["reward"] += reward.tolist()

@@ -51,6 +51,11 @@ def _initial_noise(generators: list[torch.Generator], latent_shape: Sequence[int
     return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators])
 
 
+def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
+    """The starting noise ``sample_latents`` draws for these seeds: float32 [n, *latent_shape]."""
+    return _initial_noise([torch.Generator().manual_seed(int(s)) for s in seeds], latent_shape)
+
+
 @torch.no_grad()
 def _sample_chunk(unet, scheduler, x: torch.Tensor, hidden, added, generators, guidance_scale: float,
                   use_cfg: bool, bar) -> torch.Tensor:

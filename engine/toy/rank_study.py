@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ class RankStudyConfig:
     """Only the first N prompts (None: all)."""
     t_range: tuple[float, float] | None = None
     """Timestep window of the draws (None: the run's sail.rank_t_range)."""
+    noise: Literal["shared", "antithetic", "own"] | None = None
+    """Noise of the draws (None: the run's sail.rank_noise)."""
 
     def __post_init__(self):
         require(self.iteration >= 1, "iteration", "must be >= 1")
@@ -120,7 +123,8 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
         _, per = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled, draws=cfg.max_draws,
                                beta=run_cfg.train.beta, seed=seeds.ranking_draws(run_cfg.seed, i, p),
                                batch=run_cfg.sail.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
-                               t_range=cfg.t_range or run_cfg.sail.rank_t_range)
+                               t_range=cfg.t_range or run_cfg.sail.rank_t_range,
+                               noise=cfg.noise or run_cfg.sail.rank_noise, cand_seeds=cands.seeds_of(p))
         per_draws.append(per.double().numpy())
         scores.append(np.asarray(oracle(latents_to_uint8(latents), [cands.prompts[p]] * len(latents)), np.float64))
     rows = analyse(per_draws, scores, cfg)

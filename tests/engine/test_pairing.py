@@ -79,3 +79,47 @@ def test_adaptive_ranking_uses_a_prefix_of_the_same_draws(one_thread):
     # a timestep window changes the draws
     _, windowed = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, t_range=(0.5, 1.0))
     assert not torch.allclose(windowed, full)
+
+
+def test_ranking_draw_noise_modes():
+    """shared: K draws common to the candidates; antithetic: (t, eps), (t, -eps) pairs; own: each
+    candidate's generation noise (what sample_latents starts from for its seed) at every draw."""
+    import torch
+
+    from sail.engine.sail import ranking_draws
+    from sail.engine.sampling import initial_noise
+
+    shape = (4, 8, 8)
+    t, eps = ranking_draws(3, 6, 1000, (0.5, 1.0), shape)
+    assert eps.shape == (6, *shape) and ((t >= 500) & (t < 1000)).all()
+    t_a, eps_a = ranking_draws(3, 5, 1000, (0.0, 1.0), shape, "antithetic")
+    assert eps_a.shape == (5, *shape) and torch.equal(t_a[0::2][:2], t_a[1::2][:2])
+    assert torch.equal(eps_a[1], -eps_a[0]) and torch.equal(eps_a[3], -eps_a[2])
+    t_o, eps_o = ranking_draws(3, 6, 1000, (0.0, 1.0), shape, "own", cand_seeds=[11, 12, 13])
+    assert eps_o.shape == (3, 6, *shape)
+    own = initial_noise([11, 12, 13], shape)
+    for k in range(6):
+        torch.testing.assert_close(eps_o[:, k], own, rtol=0, atol=0)
+
+
+def test_own_noise_ranks_each_candidate_on_its_own_noise(one_thread):
+    """The per-candidate path of the reward equals ranking each candidate alone with its noise
+    as the shared noise of a one-candidate prompt."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sail.engine.sail import reward_prompt
+    from tests.engine.test_optim import tiny_unet
+
+    cur, ref = tiny_unet(0).eval(), tiny_unet(1).eval()
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    latents, hidden = torch.randn(3, 4, 16, 16, generator=g), torch.randn(1, 16, 32, generator=g)
+    kw = dict(draws=4, beta=500.0, seed=7, batch=48)
+    reward, per = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, noise="own", cand_seeds=[5, 6, 7])
+    from sail.engine.sail import _reward_draws, ranking_draws
+
+    t, eps = ranking_draws(7, 4, 1000, (0.0, 1.0), latents.shape[1:], "own", [5, 6, 7])
+    for n in range(3):
+        alone = _reward_draws(cur, ref, sched, latents[n:n + 1], hidden, None, t, eps[n], 500.0, 48, 8)
+        torch.testing.assert_close(per[n], alone.per_draw[0, 0].cpu(), rtol=1e-5, atol=1e-6)
