@@ -140,24 +140,26 @@ class LossConfig:
     """The training objective (docs/method.md, Objectives; kernels/dpo_loss.py). Every option is
     a function of the per-row errors the fused kernel already reduces."""
 
-    name: Literal["dpo", "dpo_sft", "dpop"] = "dpo"
+    name: Literal["dpo", "dpo_sft", "dpop", "sft"] = "dpo"
     """dpo: Diffusion-DPO; dpo_sft: + gamma x the winners' denoising error (DPO + NLL, Pang et al.
-    2024); dpop: the DPO-Positive hinge on the winners (Pal et al. 2024)."""
+    2024); dpop: the DPO-Positive hinge on the winners (Pal et al. 2024); sft: gamma x the
+    winners' error alone, no DPO term (the winners-only control)."""
     gamma: float = 0.0
-    """dpo_sft: weight of mean_pairs e_theta(winner)."""
+    """dpo_sft, sft: weight of mean_pairs e_theta(winner)."""
     lam: float = 0.0
     """dpop: weight of max(0, e_theta(w) - e_ref(w)) inside the DPO margin."""
 
     def __post_init__(self):
         require(self.gamma >= 0 and self.lam >= 0, "gamma", "gamma and lam must be >= 0")
-        require(self.name == "dpo_sft" or self.gamma == 0, "gamma", f"only with name dpo_sft (name is {self.name})")
+        require(self.name in ("dpo_sft", "sft") or self.gamma == 0, "gamma",
+                f"only with name dpo_sft or sft (name is {self.name})")
         require(self.name == "dpop" or self.lam == 0, "lam", f"only with name dpop (name is {self.name})")
-        require(self.name != "dpo_sft" or self.gamma > 0, "gamma", "dpo_sft needs gamma > 0")
+        require(self.name not in ("dpo_sft", "sft") or self.gamma > 0, "gamma", f"{self.name} needs gamma > 0")
         require(self.name != "dpop" or self.lam > 0, "lam", "dpop needs lam > 0")
 
     def kernel_weights(self) -> dict:
         """The keyword arguments of ``engine.losses.dpo_loss``."""
-        return {"sft_weight": self.gamma, "hinge_weight": self.lam}
+        return {"sft_weight": self.gamma, "hinge_weight": self.lam, "dpo_term": self.name != "sft"}
 
 
 @dataclass
@@ -275,7 +277,8 @@ class SailConfig:
     """Keep a prompt's pair only if its reward gap is at least this many standard errors of the
     paired difference over the K shared draws (0: keep every prompt's pair)."""
     alpha: float = 0.25
-    """Fraction of generated pairs in an iteration's training set (1: no mixup)."""
+    """Fraction of generated pairs in an iteration's training set (1: no mixup; 0: the seed pairs
+    only, the seed-only continuation control)."""
     external_scorer: str = "oracle"
     """online_dpo: scorer name (engine/scorers.py; the toy world's "oracle" is its
     toy.world.oracle) or module:function ranking the candidates."""
@@ -298,7 +301,7 @@ class SailConfig:
         require(self.iterations >= 0, "iterations", "must be >= 0")
         require(self.candidates >= 2, "candidates", f"must be >= 2 to form a pair, got {self.candidates}")
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
-        require(0.0 < self.alpha <= 1.0, "alpha", f"must be in (0, 1], got {self.alpha}")
+        require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.rank_batch_size >= 1, "rank_batch_size", "must be >= 1")
         require(self.min_pair_z >= 0, "min_pair_z", f"must be >= 0, got {self.min_pair_z}")
         lo, hi = self.rank_t_range
@@ -374,8 +377,8 @@ class RunConfig:
                 "with LoRA the DPO reference is the policy with its adapters off: only 'previous'")
         require(self.model.lora.rank == 0 or self.method != "sspo", "method",
                 "sspo replays full checkpoints as references: not with LoRA (model.lora.rank > 0)")
-        require(self.method != "sspo" or self.train.loss.name != "dpop", "train.loss",
-                "sspo's switch and the dpop hinge change the same margin: use dpo or dpo_sft")
+        require(self.method != "sspo" or self.train.loss.name in ("dpo", "dpo_sft"), "train.loss",
+                "sspo's switch needs the DPO margin without the dpop hinge: use dpo or dpo_sft")
 
     @property
     def resolved_run_dir(self) -> Path:

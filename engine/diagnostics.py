@@ -42,7 +42,8 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _objective(loss) -> str:
-    return {"dpo": "dpo", "dpo_sft": f"dpo_sft gamma {loss.gamma}", "dpop": f"dpop lam {loss.lam}"}[loss.name]
+    return {"dpo": "dpo", "dpo_sft": f"dpo_sft gamma {loss.gamma}", "dpop": f"dpop lam {loss.lam}",
+            "sft": f"sft gamma {loss.gamma} (no DPO term)"}[loss.name]
 
 
 def _fmt(value) -> str:

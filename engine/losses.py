@@ -22,7 +22,8 @@ from sail.kernels.rank_reward import rank_reward as _fused_rank_reward
 
 
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, *,
-             sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False) -> DPOLossOutput:
+             sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False,
+             dpo_term: bool = True) -> DPOLossOutput:
     """Diffusion-DPO loss, with the optional winner-preserving terms of ``kernels.dpo_loss``,
     or SSPO's self-sampling switch (``self_sampling``: the losers are reference samples).
 
@@ -34,11 +35,12 @@ def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Ten
     ``sft_weight`` gamma (DPO + NLL): ``loss += gamma mean_pairs e_theta(w)``.
     ``self_sampling`` (SSPO, Zhang et al. 2410.05255): ``z_s = -beta/2 (d_w + d_l)`` on the pairs
     with d_w > 0 (the reference sample counts as a winner), DPO's ``z`` on the others.
+    ``dpo_term=False``: the winner SFT term alone (the winners-only control).
     Returns the loss and per-pair z (the DPO margin), per-row policy and reference errors and the
     per-pair flag d_w > 0 (detached).
     """
     return _fused_dpo_loss(model_pred, ref_pred, target, beta, sft_weight=sft_weight, hinge_weight=hinge_weight,
-                           self_sampling=self_sampling)
+                           self_sampling=self_sampling, dpo_term=dpo_term)
 
 
 def implicit_reward(cur_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,

@@ -397,7 +397,10 @@ def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out:
 
 def mix_pairs(n_generated: int, n_seed: int, alpha: float, seed: int) -> list[tuple[int, int]]:
     """Training entries (cache, row): all generated pairs (cache 1) and seed pairs (cache 0) in
-    the proportion alpha : 1 - alpha; alpha = 1 is the no-mixup ablation."""
+    the proportion alpha : 1 - alpha; alpha = 1 is the no-mixup ablation, alpha = 0 the seed-only
+    continuation control (every seed pair, no generated one)."""
+    if alpha <= 0.0:
+        return [(0, r) for r in range(n_seed)]
     entries = [(1, r) for r in range(n_generated)]
     if alpha >= 1.0:
         return entries

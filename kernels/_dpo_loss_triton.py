@@ -26,6 +26,7 @@ finalize's coefficients, never the passes:
     winner SFT:    loss += gamma mean_pairs e_theta(w),  coef_w += 2 gamma / (D P)
     SSPO switch:   q = -1 if d_w > 0 else 1,  z_s = -beta/2 (d_w - q d_l)
                    coef_w as above with z_s,  coef_l = -q beta sigmoid(-z_s) / (D P)
+    no DPO term:   loss = gamma mean_pairs e_theta(w),  coef_w = 2 gamma / (D P),  coef_l = 0
 """
 import torch
 import triton
@@ -62,7 +63,7 @@ def _dpo_finalize_kernel(
     part_ptr, z_ptr, model_err_ptr, ref_err_ptr, worse_ptr, coef_ptr, loss_ptr,
     pairs, n_chunks, inv_d, half_beta, sft_weight, hinge_weight,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SFT: tl.constexpr, HAS_HINGE: tl.constexpr,
-    HAS_SWITCH: tl.constexpr,
+    HAS_SWITCH: tl.constexpr, HAS_DPO: tl.constexpr = True,
 ):
     """One program: reduce the [3, 2P, chunks] partial sums and apply the per-pair math.
 
@@ -84,9 +85,12 @@ def _dpo_finalize_kernel(
         if HAS_SWITCH:
             q = tl.where(d_w > 0.0, -1.0, 1.0)
             z_loss = -half_beta * (d_w - q * d_l)
-        loss_acc += tl.where(m, _softplus(-z_loss), 0.0)    # -log sigmoid(z) = softplus(-z)
         # coef = beta * sigmoid(-z) / (D * P), + for the winner, - for the loser (module doc).
         coef = 2.0 * half_beta * tl.sigmoid(-z_loss) * inv_d / pairs
+        if HAS_DPO:
+            loss_acc += tl.where(m, _softplus(-z_loss), 0.0)    # -log sigmoid(z) = softplus(-z)
+        else:
+            coef = coef * 0.0
         coef_w = coef
         if HAS_HINGE:
             coef_w = coef * (1.0 + tl.where(d_w > 0.0, hinge_weight, 0.0))
@@ -133,10 +137,10 @@ def _dpo_grad_kernel(
 
 
 def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: float, plan: RowPlan,
-                sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False):
+                sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False, dpo_term: bool = True):
     """Pass 1 + finalize.  p2, r2: [2P, D]; t2: [2P, D] or [P, D] (shared by a pair);
     ``sft_weight`` (gamma) and ``hinge_weight`` (lam): the winner-preserving terms, 0 = off;
-    ``self_sampling``: SSPO's switch.
+    ``self_sampling``: SSPO's switch; ``dpo_term`` False: the winner SFT term alone.
 
     Returns (loss [], z [P], model_err [2P], ref_err [2P], winner_worse [P], coef [2P]), all fp32."""
     rows, n_cols = p2.shape
@@ -156,7 +160,7 @@ def dpo_forward(p2: torch.Tensor, r2: torch.Tensor, t2: torch.Tensor, beta: floa
     _dpo_finalize_kernel[(1,)](
         part, z, model_err, ref_err, worse, coef, loss, pairs, plan.chunks, 1.0 / n_cols, 0.5 * beta,
         float(sft_weight), float(hinge_weight), BLOCK_P=block_p, BLOCK_C=block_c,
-        HAS_SFT=sft_weight != 0, HAS_HINGE=hinge_weight != 0, HAS_SWITCH=bool(self_sampling), num_warps=4)
+        HAS_SFT=sft_weight != 0, HAS_HINGE=hinge_weight != 0, HAS_SWITCH=bool(self_sampling), HAS_DPO=bool(dpo_term), num_warps=4)
     return loss, z, model_err, ref_err, worse, coef
 
 

@@ -41,6 +41,9 @@ winner, otherwise as the loser:
 x_ref as the loser.) The paper's text gives no more than this; the rule lives here and in the
 kernel's finalize only, and tests/kernels/test_dpo_loss.py pins both to a float64 formula.
 
+``dpo_term=False`` drops the DPO term and leaves the winner SFT term alone (the winners-only
+control of the SAIL table: what the winner term does without any preference signal).
+
 ``z`` returned is always the DPO margin ``-beta/2 (d_w - d_l)`` (implicit accuracy, logs), and
 ``winner_worse`` the per-pair flag ``d_w > 0`` (SSPO's switch; under plain DPO the share of
 pairs whose winner the policy fits worse than the reference).
@@ -86,17 +89,19 @@ def _check_layout(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torc
     return pairs
 
 
-def _check_terms(hinge_weight: float, self_sampling: bool) -> None:
+def _check_terms(hinge_weight: float, self_sampling: bool, sft_weight: float = 0.0, dpo_term: bool = True) -> None:
     if hinge_weight and self_sampling:
         raise ValueError("self_sampling (SSPO) and hinge_weight (DPOP) change the same margin: use one of them")
+    if not dpo_term and (hinge_weight or self_sampling or not sft_weight):
+        raise ValueError("dpo_term=False leaves only the winner SFT term: needs sft_weight > 0, no hinge or switch")
 
 
 def dpo_loss_reference(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
                        beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0,
-                       self_sampling: bool = False) -> DPOLossOutput:
+                       self_sampling: bool = False, dpo_term: bool = True) -> DPOLossOutput:
     """PyTorch reference of the fused kernel (fp32 arithmetic whatever the input dtype)."""
     pairs = _check_layout(model_pred, ref_pred, target)
-    _check_terms(hinge_weight, self_sampling)
+    _check_terms(hinge_weight, self_sampling, sft_weight, dpo_term)
     p = model_pred.float().flatten(1)
     r = ref_pred.detach().float().flatten(1)
     t = target.detach().float().flatten(1)
@@ -109,7 +114,7 @@ def dpo_loss_reference(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     z_loss = -0.5 * beta * (d_w - d_l + hinge_weight * d_w.clamp_min(0)) if hinge_weight else z
     if self_sampling:
         z_loss = -0.5 * beta * (d_w + torch.where(worse, d_l, -d_l))
-    loss = -F.logsigmoid(z_loss).mean()
+    loss = -F.logsigmoid(z_loss).mean() if dpo_term else p.new_zeros(())
     if sft_weight:
         loss = loss + sft_weight * (p[:pairs] - t[:pairs]).pow(2).mean(1).mean()
     with torch.no_grad():
@@ -133,14 +138,15 @@ class _FusedDPOLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, beta, sft_weight, hinge_weight, self_sampling, block, programs):
+    def forward(ctx, model_pred, ref_pred, target, beta, sft_weight, hinge_weight, self_sampling, dpo_term, block,
+                programs):
         rows = model_pred.shape[0]
         p2 = model_pred.detach().contiguous().view(rows, -1)
         r2 = ref_pred.detach().contiguous().view(rows, -1)
         t2 = target.detach().contiguous().view(target.shape[0], -1)
         plan = _plan_rows(rows, p2.shape[1], p2.device, block, programs)
         loss, z, model_err, ref_err, worse, coef = _triton_impl.dpo_forward(p2, r2, t2, beta, plan, sft_weight,
-                                                                            hinge_weight, self_sampling)
+                                                                            hinge_weight, self_sampling, dpo_term)
         ctx.mark_non_differentiable(z, model_err, ref_err, worse)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(p2, t2, coef)
@@ -153,12 +159,12 @@ class _FusedDPOLoss(torch.autograd.Function):
         p2, t2, coef = ctx.saved_tensors
         grad = _triton_impl.dpo_backward(p2, t2, coef, grad_loss.float(), ctx.plan)
         # ref_pred and target are constants of the loss: no gradient (as in the reference).
-        return grad.view(ctx.pred_shape), None, None, None, None, None, None, None, None
+        return grad.view(ctx.pred_shape), None, None, None, None, None, None, None, None, None
 
 
 def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
                     beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0, self_sampling: bool = False,
-                    block: int | None = None, programs: int | None = None) -> DPOLossOutput:
+                    dpo_term: bool = True, block: int | None = None, programs: int | None = None) -> DPOLossOutput:
     """Fused Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``); same contract as
     :func:`dpo_loss_reference`.
 
@@ -169,7 +175,7 @@ def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: to
         z    = -beta/2 (d_w - d_l),   loss = mean_pairs -log sigmoid(z)
 
     ``sft_weight`` / ``hinge_weight``: the winner-preserving terms; ``self_sampling``: SSPO's
-    switch (module docstring). Returns ``DPOLossOutput(loss [], z [P], model_err [2P],
+    switch; ``dpo_term=False``: the winner SFT term alone (module docstring). Returns ``DPOLossOutput(loss [], z [P], model_err [2P],
     ref_err [2P], winner_worse [P])`` in fp32; only
     ``loss`` is differentiable, and only w.r.t. ``model_pred``.  ``block`` (tile size) and
     ``programs`` (wanted grid size) override the launch heuristics, for tests.
@@ -177,22 +183,23 @@ def dpo_loss_triton(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: to
     if _triton_impl is None:
         raise RuntimeError("dpo_loss_triton needs triton, which is not installed")
     _check_layout(model_pred, ref_pred, target)
-    _check_terms(hinge_weight, self_sampling)
+    _check_terms(hinge_weight, self_sampling, sft_weight, dpo_term)
     if model_pred[0].numel() == 0:
         raise ValueError(f"empty rows: model_pred {tuple(model_pred.shape)}")
     return DPOLossOutput(*_FusedDPOLoss.apply(model_pred, ref_pred, target, float(beta), float(sft_weight),
-                                              float(hinge_weight), bool(self_sampling), block, programs))
+                                              float(hinge_weight), bool(self_sampling), bool(dpo_term), block,
+                                              programs))
 
 
 def dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
              beta: float, *, sft_weight: float = 0.0, hinge_weight: float = 0.0,
-             self_sampling: bool = False) -> DPOLossOutput:
+             self_sampling: bool = False, dpo_term: bool = True) -> DPOLossOutput:
     """Public entry point: the fused Triton kernel on CUDA tensors, the reference elsewhere.
 
     Shapes and equation as in :func:`dpo_loss_triton` / the module docstring.
     """
     on_cuda = model_pred.is_cuda and ref_pred.is_cuda and target.is_cuda
-    terms = dict(sft_weight=sft_weight, hinge_weight=hinge_weight, self_sampling=self_sampling)
+    terms = dict(sft_weight=sft_weight, hinge_weight=hinge_weight, self_sampling=self_sampling, dpo_term=dpo_term)
     if on_cuda and _triton_impl is not None:
         return dpo_loss_triton(model_pred, ref_pred, target, beta, **terms)
     return dpo_loss_reference(model_pred, ref_pred, target, beta, **terms)

@@ -41,7 +41,7 @@ def test_keys_that_nothing_reads_are_refused_at_load(tmp_path):
         load_config(_write(tmp_path, {**BASE, "method": "kto"}))
     with pytest.raises(ConfigError, match=r"method: sspo replays full checkpoints as references: not with LoRA"):
         load_config(_write(tmp_path, {**BASE, "method": "sspo", "model": {"arch": "tiny-sd15", "lora": {"rank": 4}}}))
-    with pytest.raises(ConfigError, match=r"train.loss: sspo's switch and the dpop hinge"):
+    with pytest.raises(ConfigError, match=r"train.loss: sspo's switch needs the DPO margin"):
         load_config(_write(tmp_path, {**BASE, "method": "sspo", "train": {"loss": {"name": "dpop", "lam": 1.0}}}))
     with pytest.raises(ConfigError, match=r"sspo.checkpoint_every: must be >= 1"):
         load_config(_write(tmp_path, {**BASE, "method": "sspo", "sspo": {"checkpoint_every": 0}}))
@@ -136,11 +136,17 @@ def test_train_reference_other_than_previous_needs_full_weights():
 def test_loss_options_are_checked_and_the_iterations_can_override_the_objective(tmp_path):
     from sail.engine.controller import iteration_train_config
 
-    with pytest.raises(ConfigError, match=r"train\.loss\.gamma: only with name dpo_sft"):
+    with pytest.raises(ConfigError, match=r"train\.loss\.gamma: only with name dpo_sft or sft"):
         load_config(_write(tmp_path, {**BASE, "train": {"loss": {"gamma": 300}}}))
     with pytest.raises(ConfigError, match=r"train\.loss\.lam: dpop needs lam > 0"):
         load_config(_write(tmp_path, {**BASE, "train": {"loss": {"name": "dpop"}}}))
     cfg = load_config(_write(tmp_path, {**BASE, "sail": {"loss": {"name": "dpo_sft", "gamma": 300}}}))
-    assert cfg.train.loss.name == "dpo" and cfg.train.loss.kernel_weights() == {"sft_weight": 0.0, "hinge_weight": 0.0}
+    assert cfg.train.loss.name == "dpo" and cfg.train.loss.kernel_weights() == {"sft_weight": 0.0, "hinge_weight": 0.0,
+                                                                                "dpo_term": True}
     it = iteration_train_config(cfg)
-    assert it.loss.name == "dpo_sft" and it.loss.kernel_weights() == {"sft_weight": 300.0, "hinge_weight": 0.0}
+    assert it.loss.name == "dpo_sft" and it.loss.kernel_weights() == {"sft_weight": 300.0, "hinge_weight": 0.0,
+                                                                      "dpo_term": True}
+    winners_only = load_config(_write(tmp_path, {**BASE, "train": {"loss": {"name": "sft", "gamma": 300}}}))
+    assert winners_only.train.loss.kernel_weights() == {"sft_weight": 300.0, "hinge_weight": 0.0, "dpo_term": False}
+    with pytest.raises(ConfigError, match=r"train\.loss\.gamma: sft needs gamma > 0"):
+        load_config(_write(tmp_path, {**BASE, "train": {"loss": {"name": "sft"}}}))

@@ -123,3 +123,15 @@ def test_own_noise_ranks_each_candidate_on_its_own_noise(one_thread):
     for n in range(3):
         alone = _reward_draws(cur, ref, sched, latents[n:n + 1], hidden, None, t, eps[n], 500.0, 48, 8)
         torch.testing.assert_close(per[n], alone.per_draw[0, 0].cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_mix_proportions_and_the_seed_only_control():
+    from collections import Counter
+
+    from sail.engine.sail import mix_pairs
+
+    mixed = Counter(c for c, _ in mix_pairs(32, 384, 0.25, seed=1))
+    assert mixed == {1: 32, 0: 96}                                  # alpha 0.25: 1 generated : 3 seed
+    assert Counter(c for c, _ in mix_pairs(32, 384, 1.0, seed=1)) == {1: 32}
+    seed_only = mix_pairs(32, 384, 0.0, seed=1)                      # every seed pair, no generated one
+    assert seed_only == [(0, r) for r in range(384)]

@@ -403,3 +403,22 @@ def test_sspo_without_a_switch_is_plain_dpo():
     assert torch.equal(plain.loss, sspo.loss)
     with pytest.raises(ValueError, match="self_sampling"):
         dpo_loss_reference(p, r, t, beta, self_sampling=True, hinge_weight=1.0)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_winner_sft_alone_has_no_dpo_term(device, path):
+    """dpo_term=False (the winners-only control): loss = gamma mean_pairs e_theta(w), gradient
+    2 gamma (p_w - t) / (D P) on the winners and none on the losers."""
+    p, r, t = mixed_sign_inputs(device, torch.float32)
+    gamma, D, P = 3.0, 105, 4
+    p.requires_grad_()
+    fn = dpo_loss_triton if path == "triton" else dpo_loss_reference
+    out = fn(p, r, t, 500.0, sft_weight=gamma, dpo_term=False,
+             **(dict(block=16, programs=12) if path == "triton" else {}))
+    out.loss.backward()
+    p64, t64 = p.detach().double(), t.double()
+    assert_close_rel(out.loss, gamma * (p64[:P] - t64[:P]).pow(2).flatten(1).mean(1).mean(), 2e-5, "loss")
+    expected = torch.cat([2 * gamma * (p64[:P] - t64[:P]) / (D * P), torch.zeros_like(p64[P:])])
+    assert_close_rel(p.grad, expected, 1e-5, "grad")
+    with pytest.raises(ValueError, match="dpo_term=False"):
+        fn(p, r, t, 500.0, dpo_term=False)

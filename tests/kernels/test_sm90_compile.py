@@ -45,11 +45,12 @@ for dt in ("bf16", "fp32"):
 sig = dict(part_ptr="*fp32", z_ptr="*fp32", model_err_ptr="*fp32", ref_err_ptr="*fp32", worse_ptr="*fp32",
            coef_ptr="*fp32", loss_ptr="*fp32", pairs="i32", n_chunks="i32", inv_d="fp32",
            half_beta="fp32", sft_weight="fp32", hinge_weight="fp32", BLOCK_P="constexpr", BLOCK_C="constexpr",
-           HAS_SFT="constexpr", HAS_HINGE="constexpr", HAS_SWITCH="constexpr")
-for name, sft, hinge, switch in (("", False, False, False), ("_terms", True, True, False), ("_sspo", True, False, True)):
-    out["dpo_finalize" + name] = lower(      # plain DPO; both winner-preserving terms; SSPO's switch
+           HAS_SFT="constexpr", HAS_HINGE="constexpr", HAS_SWITCH="constexpr", HAS_DPO="constexpr")
+for name, sft, hinge, switch, has_dpo in (("", False, False, False, True), ("_terms", True, True, False, True),
+                                          ("_sspo", True, False, True, True), ("_sft_only", True, False, False, False)):
+    out["dpo_finalize" + name] = lower(      # plain DPO; both winner-preserving terms; SSPO's switch; SFT alone
         dpo._dpo_finalize_kernel, sig, dict(BLOCK_P=128, BLOCK_C=8, HAS_SFT=sft, HAS_HINGE=hinge,
-                                            HAS_SWITCH=switch), [])
+                                            HAS_SWITCH=switch, HAS_DPO=has_dpo), [])
 sig = dict(part_ptr="*fp32", per_draw_ptr="*fp32", reward_ptr="*fp32", n_groups="i32", K="i32",
            n_chunks="i32", scale="fp32", BLOCK_G="constexpr", BLOCK_K="constexpr", BLOCK_C="constexpr")
 out["rank_finalize"] = lower(rank._rank_finalize_kernel, sig, dict(BLOCK_G=8, BLOCK_K=16, BLOCK_C=8), [])
@@ -71,7 +72,8 @@ def test_kernels_lower_to_sm90_with_vector_loads():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loads = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(loads) >= {"dpo_finalize", "dpo_finalize_terms", "dpo_finalize_sspo", "rank_finalize"}
+    assert set(loads) >= {"dpo_finalize", "dpo_finalize_terms", "dpo_finalize_sspo", "dpo_finalize_sft_only",
+                          "rank_finalize"}
     for name, kinds in loads.items():
         if name.startswith(("partials_", "grad_")):
             # Every streaming load is a 16-byte vector load (v4.b32) on aligned rows.
