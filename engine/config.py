@@ -272,7 +272,9 @@ class SailConfig:
     current one was trained from."""
     rank_batch_size: int = 160
     """Images per UNet forward in ranking."""
-    pairing: Literal["best_worst", "random"] = "best_worst"
+    pairing: Literal["best_worst", "best_mu2sigma", "random"] = "best_worst"
+    """best_worst: the highest- and lowest-rewarded candidates; best_mu2sigma: the highest against
+    the one nearest mean - 2 std of the prompt's rewards; random: a random pair (the control)."""
     min_pair_z: float = 0.0
     """Keep a prompt's pair only if its reward gap is at least this many standard errors of the
     paired difference over the K shared draws (0: keep every prompt's pair)."""

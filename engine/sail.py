@@ -343,10 +343,26 @@ def pair_confidence(draws_w, draws_l) -> float:
     return float(mean / se)
 
 
+def pick_pair(rs: np.ndarray, pairing: str, rng_seed: int = 0) -> tuple[int, int]:
+    """(winner, loser) among one prompt's candidates from their rewards ``rs`` [N]:
+    best_worst: argmax and argmin; best_mu2sigma: argmax and the candidate nearest to
+    mean - 2 std (a clearly worse sample that is not the extreme, which may be a degenerate
+    one); random: two distinct candidates, the higher-rewarded the winner."""
+    if pairing == "best_worst":
+        return int(rs.argmax()), int(rs.argmin())
+    if pairing == "best_mu2sigma":
+        w = int(rs.argmax())
+        gap = np.abs(rs - (rs.mean() - 2.0 * rs.std()))
+        gap[w] = np.inf
+        return w, int(gap.argmin())
+    rng = np.random.default_rng(rng_seed)
+    a, b = rng.choice(len(rs), size=2, replace=False)
+    return (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
+
+
 def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0) -> dict:
-    """Per prompt: (argmax, argmin) of the reward, or a random distinct pair; with ``min_z`` > 0,
-    only prompts whose pair's reward gap is at least ``min_z`` standard errors
-    (``pair_confidence``) keep their pair."""
+    """Per prompt: the pair ``pick_pair`` chooses; with ``min_z`` > 0, only prompts whose pair's
+    reward gap is at least ``min_z`` standard errors (``pair_confidence``) keep their pair."""
     by_prompt: dict[int, list[tuple[int, float, list]]] = {}
     for p, c, r, d in zip(rewards["prompt_idx"], rewards["cand"], rewards["reward"], rewards["draws"]):
         by_prompt.setdefault(p, []).append((c, r, d))
@@ -354,12 +370,7 @@ def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0) -> 
     for p in sorted(by_prompt):
         items = sorted(by_prompt[p])
         rs = np.array([r for _, r, _ in items])
-        if pairing == "best_worst":
-            w, l = int(rs.argmax()), int(rs.argmin())
-        else:
-            rng = np.random.default_rng(run_seeds.random_pair(seed, p))
-            a, b = rng.choice(len(items), size=2, replace=False)
-            w, l = (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
+        w, l = pick_pair(rs, pairing, run_seeds.random_pair(seed, p))
         z = pair_confidence(items[w][2], items[l][2])
         if min_z > 0 and not z >= min_z:
             continue

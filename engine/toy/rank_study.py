@@ -55,9 +55,10 @@ class RankStudyConfig:
                 f"must be 0 <= lo < hi <= 1, got {self.t_range}")
 
 
-def _pair(per_draw: np.ndarray) -> tuple[int, int]:
-    means = per_draw.mean(1)
-    return int(means.argmax()), int(means.argmin())
+def _pair(per_draw: np.ndarray, pairing: str = "best_worst") -> tuple[int, int]:
+    from sail.engine.sail import pick_pair
+
+    return pick_pair(per_draw.mean(1), pairing)
 
 
 def adaptive_draws(per_draw: np.ndarray, block: int, settle_z: float) -> int:
@@ -89,6 +90,13 @@ def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStud
     rows = [row(f"K={k}", [k] * len(per_draws)) for k in cfg.ks]
     rows += [row(f"adaptive block {cfg.block}, z {z}", [adaptive_draws(d, cfg.block, z) for d in per_draws])
              for z in cfg.settle_z]
+    for k in sorted({min(10, cfg.max_draws), cfg.max_draws}):   # the other pair choice, at K = 10 and max_draws
+        pairs = [_pair(d[:, :k], "best_mu2sigma") for d in per_draws]
+        decided = [(o[w], o[l]) for (w, l), o in zip(pairs, oracle) if o[w] != o[l]]
+        rows.append({"setting": f"best vs mu - 2 sigma, K={k}", "draws_mean": float(k),
+                     "forwards_fraction": k / cfg.max_draws,
+                     "agreement": float(np.mean([a > b for a, b in decided])) if decided else float("nan"),
+                     "kendall_tau": float("nan"), "same_pair_as_max": float("nan")})
     return rows
 
 
@@ -144,7 +152,7 @@ def _plot(path: Path, rows: list[dict], cfg: RankStudyConfig) -> None:
     from sail.engine.io import atomic_write
 
     fixed = [r for r in rows if r["setting"].startswith("K=")]
-    adaptive = [r for r in rows if not r["setting"].startswith("K=")]
+    adaptive = [r for r in rows if r["setting"].startswith("adaptive")]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for ax, key in zip(axes, ("agreement", "kendall_tau", "same_pair_as_max")):
         ax.plot([r["forwards_fraction"] for r in fixed], [r[key] for r in fixed], marker="o", label="fixed K")

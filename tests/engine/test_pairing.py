@@ -135,3 +135,17 @@ def test_mix_proportions_and_the_seed_only_control():
     assert Counter(c for c, _ in mix_pairs(32, 384, 1.0, seed=1)) == {1: 32}
     seed_only = mix_pairs(32, 384, 0.0, seed=1)                      # every seed pair, no generated one
     assert seed_only == [(0, r) for r in range(384)]
+
+
+def test_best_against_mu_minus_two_sigma_skips_an_extreme_outlier():
+    from sail.engine.sail import pick_pair
+
+    rs = np.array([0.1 * i for i in range(19)] + [-6.0])       # one degenerate candidate far below
+    target = rs.mean() - 2 * rs.std()
+    w, l = pick_pair(rs, "best_mu2sigma")
+    assert w == 18 and l == 0 and abs(rs[0] - target) < abs(rs[19] - target)
+    assert pick_pair(rs, "best_worst") == (18, 19)
+    small = np.array([0.3, -0.2, 0.9, -0.4])                   # no outlier: the worst is the nearest
+    assert pick_pair(small, "best_mu2sigma") == pick_pair(small, "best_worst") == (2, 3)
+    a, b = pick_pair(small, "random", 5)
+    assert a != b and small[a] >= small[b]

@@ -40,6 +40,6 @@ def test_rank_study_of_a_finished_run(tmp_path, toy_model, one_thread):
                                        "--set", "max_draws=4", "--set", "ks=[1,4]", "--set", "settle_z=[2.0]"])
     assert result.exit_code == 0, result.output
     study = json.loads((tmp_path / "study" / "rank_study.json").read_text())
-    assert study["prompts"] == 4 and study["candidates"] == 3 and len(study["rows"]) == 3
+    assert study["prompts"] == 4 and study["candidates"] == 3 and len(study["rows"]) == 4   # + best vs mu - 2 sigma
     assert study["rows"][1]["same_pair_as_max"] == 1.0                           # K = max_draws
     assert (tmp_path / "study" / "rank_study.png").stat().st_size > 1000
