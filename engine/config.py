@@ -84,6 +84,9 @@ class DataConfig:
     """Fraction of training pairs whose prompt is replaced by the empty prompt (reference: 20%)."""
     max_pairs: int | None = None
     """Use at most this many pairs (after ties and bad rows are dropped)."""
+    select: str | None = None
+    """A parquet file of (file, row) columns (rows with role "seed" when it has a role column):
+    encode only these rows of data.train. The pickapic recipe sets it to its split.parquet."""
     max_bad_fraction: float = 0.01
     """Malformed rows (unreadable caption or label) and pairs with undecodable images are
     skipped, counted and named in the load report; more than this fraction of the rows is an

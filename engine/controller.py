@@ -48,7 +48,8 @@ def make_plan(cfg: RunConfig, world: World, ranks: Ranks) -> tuple[RunConfig, Pl
     """The base model, and the world's data (``data.train`` becomes the world's files) and prompts."""
     base = base_model_dir(cfg, ranks)
     data = world.prepare(ranks, base)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data.train))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data.train,
+                                                            select=data.select or cfg.data.select))
     return cfg, Plan(base, data.pools, data.eval_prompts)
 
 

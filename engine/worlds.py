@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from sail.engine.configtree import ConfigError
+from sail.engine.data.split import PickapicConfig
 
 if TYPE_CHECKING:
     from sail.engine.config import RunConfig
@@ -41,6 +42,8 @@ class WorldData:
     """One prompt pool per SAIL iteration."""
     eval_prompts: list[str]
     """Held-out prompts, disjoint from the pools."""
+    select: str | None = None
+    """The rows of ``train`` that form the seed set (data.select), None for all of them."""
 
 
 class World:
@@ -120,11 +123,14 @@ def check_prompt_sets(pools: list[list[str]], eval_prompts: list[str], where: st
 
 
 class PickapicWorld(World):
-    """The user's files: Pick-a-Pic v2 parquet pairs (``data.train``), one prompt file per SAIL
-    iteration (``sail.prompt_files``), held-out prompts (``eval.prompt_files``). No ground truth:
-    no pair diagnostics, and no evaluation until learned scorers are wired in."""
+    """The user's files: Pick-a-Pic v2 parquet pairs (``data.train``), and either one prompt file
+    per SAIL iteration (``sail.prompt_files``) or the paper's split of data.train (the
+    ``pickapic`` section, ``engine/data/split.py``); held-out prompts from ``eval.prompt_files``
+    (or the split). No ground truth: no pair diagnostics, and no evaluation until learned
+    scorers are wired in."""
 
     name = "pickapic"
+    settings_class = PickapicConfig
 
     def preflight(self) -> None:
         from sail.engine.data.pickapic import expand_paths
@@ -132,11 +138,64 @@ class PickapicWorld(World):
         if not self.cfg.data.train:
             raise ConfigError('data.train: no preference data (give Pick-a-Pic parquet files, or set world: "toy")')
         expand_paths(self.cfg.data.train)
-        self._prompt_sets()
+        if not self.settings.recipe:
+            self._prompt_sets()
+            return
+        if self.cfg.sail.prompt_files:
+            raise ConfigError("sail.prompt_files: the pickapic recipe (pickapic.seed_pairs) makes the pools from "
+                              "data.train; give prompt files or the recipe, not both")
+        if self.cfg.data.select:
+            raise ConfigError("data.select: the pickapic recipe (pickapic.seed_pairs) selects the seed rows itself")
+        self._eval_from_files()
 
     def prepare(self, ranks: "Ranks", base_model: str) -> WorldData:
-        pools, eval_prompts = self._prompt_sets()
-        return WorldData(list(self.cfg.data.train), pools, eval_prompts)
+        if not self.settings.recipe:
+            pools, eval_prompts = self._prompt_sets()
+            return WorldData(list(self.cfg.data.train), pools, eval_prompts)
+        from sail.engine.data.split import read_split
+        from sail.engine.layout import RunLayout
+
+        folder, stamp = RunLayout.of(self.cfg).root, self._stamp()
+        if ranks.is_main:
+            self._ensure_split(folder, stamp)
+        ranks.barrier()
+        _, pools, eval_prompts = read_split(folder, stamp)
+        check_prompt_sets(pools, eval_prompts, f"{folder / 'split.parquet'}")
+        return WorldData(list(self.cfg.data.train), pools, eval_prompts, select=str(folder / "split.parquet"))
+
+    def _iterations(self) -> int:
+        return self.cfg.sail.iterations if self.cfg.method in ("sail", "online_dpo") else 0
+
+    def _eval_from_files(self) -> list[str] | None:
+        from sail.engine.sail import read_prompt_file
+
+        files = self.cfg.eval.prompt_files
+        return [p for f in files for p in read_prompt_file(f, "eval.prompt_files")] if files else None
+
+    def _stamp(self) -> str:
+        from sail.engine.data.pickapic import expand_paths
+        from sail.engine.data.split import fingerprint
+
+        return fingerprint(expand_paths(self.cfg.data.train), self.settings, self._iterations(), self._split_seed(),
+                           self._eval_from_files())
+
+    def _split_seed(self) -> int:
+        return self.cfg.seed if self.settings.split_seed is None else self.settings.split_seed
+
+    def _ensure_split(self, folder: Path, stamp: str) -> None:
+        """Make and write the split once (main rank); a resumed run checks it (``read_split``)."""
+        import logging
+
+        from sail.engine.data.pickapic import scan_pickapic
+        from sail.engine.data.split import make_split, read_split, write_split
+
+        if read_split(folder, stamp) is not None:
+            return
+        d = self.cfg.data
+        refs, load = scan_pickapic(d.train, None, max_bad_fraction=d.max_bad_fraction, strict=d.strict)
+        split = make_split(refs, self.settings, self._iterations(), self._split_seed(), self._eval_from_files())
+        report = write_split(folder, refs, split, stamp)
+        logging.getLogger(__name__).info("pickapic split (%s): %s", load.summary(), report)
 
     def _prompt_sets(self) -> tuple[list[list[str]], list[str]]:
         """The prompt pools (one file per SAIL iteration) and evaluation prompts, checked:

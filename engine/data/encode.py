@@ -90,7 +90,8 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
     cache_dir, ranks = Path(cache_dir), ranks or single_process()
     if is_complete(cache_dir):
         return cache_dir
-    refs, report = scan_pickapic(cfg.train, cfg.max_pairs, max_bad_fraction=cfg.max_bad_fraction, strict=cfg.strict)
+    refs, report = scan_pickapic(cfg.train, cfg.max_pairs, max_bad_fraction=cfg.max_bad_fraction, strict=cfg.strict,
+                                 select=cfg.select)
     log.info("preference data: %s", report.summary())
     resolution = cfg.resolution or default_resolution(comps)
     cache_dir.mkdir(parents=True, exist_ok=True)

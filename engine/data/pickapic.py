@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sail.engine.data.images import ImageDecodeError, decode_image
@@ -181,16 +182,34 @@ def scan_file(path: str, report: LoadReport, strict: bool = False) -> list[PairR
     return refs
 
 
+def read_selection(path: str) -> set[tuple[str, int]]:
+    """(file, row) pairs of a selection parquet (``data.select``): its rows with role "seed" when
+    it has a role column (a recipe's split.parquet), else all of them."""
+    try:
+        t = pq.read_table(path).to_pydict()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(f"data.select: {path}: cannot read ({type(err).__name__}: {err})") from None
+    missing = [c for c in ("file", "row") if c not in t]
+    if missing:
+        raise DataError(f"data.select: {path}: missing column(s) {missing}")
+    roles = t.get("role", ["seed"] * len(t["file"]))
+    return {(os.path.abspath(f), int(r)) for f, r, role in zip(t["file"], t["row"], roles) if role == "seed"}
+
+
 def scan_pickapic(patterns: list[str] | str, max_pairs: int | None = None, *,
                   max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                  strict: bool = False) -> tuple[list[PairRef], LoadReport]:
-    """Pass 1 over all files (no image decoding): validated references to the kept pairs.
-    More malformed rows than ``max_bad_fraction`` of all rows is a ``DataError``."""
+                  strict: bool = False, select: str | None = None) -> tuple[list[PairRef], LoadReport]:
+    """Pass 1 over all files (no image decoding): validated references to the kept pairs
+    (only the rows of the ``select`` parquet when given). More malformed rows than
+    ``max_bad_fraction`` of all rows is a ``DataError``."""
     report = LoadReport()
     refs: list[PairRef] = []
     for path in expand_paths(patterns):
         refs.extend(scan_file(path, report, strict))
     report.check_bad_fraction(max_bad_fraction)
+    if select is not None:
+        chosen = read_selection(select)
+        refs = [r for r in refs if (os.path.abspath(r.file), r.row) in chosen]
     if max_pairs is not None:
         refs = refs[:max_pairs]
     report.kept = len(refs)

@@ -42,7 +42,8 @@ def test_a_partial_sampling_section_changes_only_the_keys_it_names():
 
 def test_the_default_world_is_the_users_files():
     cfg = config_from_dict({})
-    assert cfg.world == "pickapic" and cfg.world_settings is None and isinstance(make_world(cfg), PickapicWorld)
+    assert cfg.world == "pickapic" and isinstance(make_world(cfg), PickapicWorld)
+    assert cfg.world_settings.seed_pairs is None and not cfg.world_settings.recipe     # no split: prompt files
     assert not make_world(cfg).evaluates
 
 
