@@ -22,11 +22,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sail.engine.configtree import ConfigError, require
-from sail.engine.data.pickapic import PairRef
+
+if TYPE_CHECKING:
+    from sail.engine.data.pickapic import PairRef
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Split:
     pools: list[list[str]]
     eval_prompts: list[str]
 
-    def report(self, refs: list[PairRef]) -> dict:
+    def report(self, refs: "list[PairRef]") -> dict:
         seed_prompts = {refs[i].caption for i in self.seed_rows}
         sets = {"seed": seed_prompts, "eval": set(self.eval_prompts),
                 **{f"pool_{i + 1}": set(p) for i, p in enumerate(self.pools)}}
@@ -74,7 +77,7 @@ class Split:
                 "overlaps": overlaps}
 
 
-def make_split(refs: list[PairRef], settings: PickapicConfig, iterations: int, seed: int,
+def make_split(refs: "list[PairRef]", settings: PickapicConfig, iterations: int, seed: int,
                eval_prompts: list[str] | None = None) -> Split:
     """The recipe's split of the kept rows ``refs`` (see the module docstring); ``eval_prompts``
     from the user's files, or None to hold out ``settings.eval_prompts`` captions."""
@@ -122,7 +125,7 @@ def fingerprint(files: list[str], settings: PickapicConfig, iterations: int, see
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def write_split(folder: Path, refs: list[PairRef], split: Split, stamp: str) -> dict:
+def write_split(folder: Path, refs: "list[PairRef]", split: Split, stamp: str) -> dict:
     """``split.parquet`` (role, caption, file, row) and ``split.json`` (report, fingerprint)."""
     from sail.engine.io import write_json, write_parquet
 

@@ -69,7 +69,7 @@ def test_config_lookup_in_cwd_then_configs(tmp_path, monkeypatch):
     _write(tmp_path, {**BASE, "name": "local_one"}, "sdxl_zero3.json")
     assert load_config("sdxl_zero3.json").name == "local_one"       # working directory first
     monkeypatch.chdir(tmp_path / "..")
-    assert load_config("sdxl_zero3.json").name == "sdxl_dpo"        # then the repo's configs/
+    assert load_config("sdxl_zero3.json").name == "sdxl_sail"       # then the repo's configs/
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config.json")
 
@@ -101,14 +101,22 @@ def test_deepspeed_config_is_derived_from_ours(tmp_path):
 
 
 def test_shipped_configs_validate():
-    for name in ("sdxl_zero3.json", "sd15_dpo.json", "tiny_sd15.json", "sd15_sspo.json", "toy_sspo_cpu.json",
-                 "toy_cpu.json"):
+    for name in ("sdxl_zero3.json", "sdxl_dpo.json", "sd15_dpo.json", "sd15_sail.json", "tiny_sd15.json",
+                 "sd15_sspo.json", "toy_sspo_cpu.json", "toy_cpu.json"):
         cfg = load_config(name)
         assert cfg.train.steps > 0
     sspo = load_config("sd15_sspo.json")
     assert (sspo.method, sspo.sspo.pool_size, sspo.sspo.checkpoint_every, sspo.train.steps) == ("sspo", 7, 30, 210)
     sdxl = load_config("sdxl_zero3.json")
     assert sdxl.distributed.zero_stage == 3 and sdxl.model.gradient_checkpointing
+    # the SAIL recipes: the paper's split of data.train, its iterations, N, K, alpha, beta, samplers
+    s = sdxl.sail
+    assert (sdxl.method, sdxl.world_settings.seed_pairs, sdxl.world_settings.pool_sizes) == ("sail", 50000, [10000, 20000])
+    assert (s.iterations, s.candidates, s.rank_draws, s.alpha, sdxl.train.beta) == (2, 8, 10, 0.25, 5000)
+    assert (s.sampling.sampler, s.sampling.steps, s.sampling.guidance_scale) == ("ddim", 20, 5.0)
+    sd15 = load_config("sd15_sail.json")
+    assert (sd15.sail.iterations, sd15.sail.sampling.sampler, sd15.sail.sampling.steps) == (3, "ddpm", 50)
+    assert sd15.world_settings.pool_sizes == [10000, 20000, 20000]
 
 
 def test_sail_iterations_train_overrides():
