@@ -83,7 +83,19 @@ class Strategy:
         return self.ranks.broadcast_object(obj)
 
     def close(self) -> None:
-        pass
+        """Drop the stage's models, optimizer state and caches, so that the next stage (generation,
+        ranking: the model loaded whole) does not need more memory than training did."""
+        self._release()
+
+    def _release(self) -> None:
+        import gc
+
+        for name in ("policy", "reference", "optimizer", "scheduler", "engine"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:
@@ -281,6 +293,26 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"{folder}/{tag}: DeepSpeed could not load the checkpoint")
         return client
+
+    def close(self) -> None:
+        """Release the engines: ZeRO-3 partition caches, the optimizer's partitions and state,
+        DeepSpeed's own references (``destroy``), then the modules; a collective-free call."""
+        engines = [e for e in (getattr(self, "engine", None), self.reference) if hasattr(e, "destroy")]
+        for engine in engines:
+            if self.dist.zero_stage == 3:
+                engine.empty_partition_cache()
+            engine.destroy()
+        if self.dist.zero_stage == 3:
+            # ZeRO-3 pushes each engine's top module on a module-level stack that nothing pops
+            # (deepspeed/runtime/zero/parameter_offload.py, FWD_MODULE_STACK): left there, the
+            # module keeps its partitions and hooks alive for the rest of the process.
+            from deepspeed.runtime.zero import parameter_offload
+
+            ours = [e.module for e in engines]
+            stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+            if isinstance(stack, list):
+                stack[:] = [m for m in stack if all(m is not o for o in ours)]
+        self._release()
 
     def policy_state_dict(self) -> dict | None:
         """fp32 master weights gathered from all ranks (a collective call); rank 0 gets them."""
