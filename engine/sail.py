@@ -398,7 +398,8 @@ def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out:
             pooled.append(pool)
     batch = PairBatch(torch.cat(lw), torch.cat(ll), torch.cat(hid), torch.cat(pooled) if pooled else None)
     if pooled:
-        batch.time_ids_w = batch.time_ids_l = native_time_ids(batch.latents_w.shape[-1] * vae_factor, len(lw))
+        batch.time_ids_w = native_time_ids(batch.latents_w.shape[-1] * vae_factor, len(lw))
+        batch.time_ids_l = batch.time_ids_w.clone()     # two tensors: safetensors refuses shared storage
     captions = [cands.prompts[p] for p in pairs["prompt_idx"]]
     write_shard(out, 0, batch, captions, [f"generated:{p}" for p in pairs["prompt_idx"]])
     write_empty_prompt(out, seed_cache.empty_hidden, seed_cache.empty_pooled)

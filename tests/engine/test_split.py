@@ -91,6 +91,17 @@ def test_sail_on_the_recipe_split_resumes_after_a_kill_in_generate(tmp_path, one
         Controller(config_from_dict(changed))
 
 
+def test_sdxl_sail_iteration_writes_pairs_with_time_ids(tmp_path, one_thread):
+    """SDXL conditioning through a whole SAIL iteration in one process (pooled embeddings, the
+    generated pairs' time ids: two separate tensors, as safetensors requires)."""
+    data = recipe_config(tmp_path, recipe_shard(tmp_path))
+    data["model"] = {"arch": "tiny-sdxl"}
+    Controller(config_from_dict(data)).run()
+    gen = PairCache(tmp_path / "run" / "iter_001" / "pairs_cache").load([0, 1, 2, 3])
+    assert gen.pooled is not None and gen.time_ids_w.shape == (4, 6)
+    assert torch.equal(gen.time_ids_w, gen.time_ids_l) and gen.time_ids_w[0, 0] == 32     # native 32 px
+
+
 def test_recipe_and_prompt_files_are_exclusive(tmp_path):
     from sail.engine.run import preflight
 
@@ -98,3 +109,62 @@ def test_recipe_and_prompt_files_are_exclusive(tmp_path):
     data["sail"]["prompt_files"] = [str(tmp_path / "p.txt")]
     with pytest.raises(ConfigError, match="give prompt files or the recipe, not both"):
         preflight(config_from_dict(data))
+
+
+def tiny_sdxl_folder(folder) -> str:
+    """A random-weight tiny SDXL (two text encoders, pooled embeddings, time ids) in the
+    diffusers folder layout, as a user's model.path would be."""
+    from sail.engine.models import build_components, save_model_folder
+
+    comps = build_components("tiny-sdxl", seed=0)
+    save_model_folder(folder, None, dict(comps.unet.config), comps, source=None)
+    comps.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    return str(folder)
+
+
+# the recipe as shipped; only what a CPU and a tiny model need is overridden
+CPU_SIZE = ["train.precision=\"fp32\"", "train.steps=2", "train.grad_accum=1", "train.save_every=1",
+            "distributed.global_batch_pairs=null", "data.resolution=32", "data.cache_dir=null",
+            "pickapic.seed_pairs=24", "pickapic.pool_sizes=[4]", "pickapic.eval_prompts=3",
+            "sail.iterations=1", "sail.train_steps=2", "sail.candidates=2", "sail.rank_draws=2",
+            "sail.sampling.steps=2", "sail.sampling.batch_size=8", "sail.rank_batch_size=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("deepspeed") is None, reason="deepspeed launcher not installed")
+def test_sdxl_recipe_under_zero3_on_two_ranks_equals_one_process(tmp_path):
+    """deepspeed --num_gpus 2 launch/train.py --config sdxl_zero3.json on a generated shard and a
+    tiny SDXL folder: iteration 0 and one SAIL iteration; the same candidates and pairs as one
+    process."""
+    shard, model = recipe_shard(tmp_path), tiny_sdxl_folder(tmp_path / "tiny_sdxl")
+    common = [f"model.path={json.dumps(model)}", f"data.train={json.dumps([shard])}", *CPU_SIZE]
+    runs = {}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29547"])):
+        sets = [*common, f"run_dir={json.dumps(str(tmp_path / name))}"]
+        if name == "one":
+            sets.append('distributed.backend="local"')
+        proc = _launch_config("sdxl_zero3.json", sets, launcher)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[name] = tmp_path / name
+    from sail.engine.sail import Candidates
+
+    one, two = (Candidates(runs[n] / "iter_001" / "candidates") for n in ("one", "two"))
+    assert sorted(one.prompts) == sorted(two.prompts) and len(one.prompts) == 4
+    for p in range(4):
+        torch.testing.assert_close(one.of_prompt(p)[0], two.of_prompt(p)[0], rtol=1e-2, atol=1e-3)
+    pa_, pb_ = (pq.read_table(runs[n] / "iter_001" / "pairs.parquet").to_pydict() for n in ("one", "two"))
+    assert (pa_["winner"], pa_["loser"]) == (pb_["winner"], pb_["loser"])
+    assert "zero 3" in json.loads((runs["two"] / "iter_001" / "metrics.json").read_text())["strategy"]
+
+
+def _launch_config(config: str, sets: list[str], launcher: list[str]):
+    import os
+    import subprocess
+
+    from tests.engine.test_controller import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([*launcher, "launch/train.py", "--config", config, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
