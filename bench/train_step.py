@@ -39,43 +39,9 @@ import time
 import torch
 
 from sail.bench.common import environment
+from sail.engine.forecast import peak_flops  # noqa: F401  (the one table of peak FLOP/s)
 
-# Dense peak FLOP/s (no sparsity) by device-name substring and precision.
-PEAK_TFLOPS = {
-    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},   # fp32 = TF32 tensor cores
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},        # H100 80GB HBM3 reports no form factor
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-}
 CPU_ARCHS, GPU_ARCHS = ["tiny-sd15", "tiny-sdxl"], ["sd15", "sdxl"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Peak FLOP/s
-# ----------------------------------------------------------------------------------------------
-
-def measured_matmul_peak(device: torch.device, n: int = 1024, repeats: int = 10) -> float:
-    """Best-of-repeats FLOP/s of an fp32 [n, n] @ [n, n] matmul on this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in PEAK_TFLOPS.items():
-            if key in name:
-                return table[precision] * 1e12, f"table: {key} dense {precision}"
-        return measured_matmul_peak(device, 8192), "measured: fp32 matmul 8192 (device not in the table)"
-    return measured_matmul_peak(device), f"measured: fp32 matmul 1024, {torch.get_num_threads()} thread(s)"
 
 
 # ----------------------------------------------------------------------------------------------

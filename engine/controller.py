@@ -70,6 +70,21 @@ class Controller:
         if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.layout.config, config_to_dict(self.cfg))
+            self._forecast()
+
+    def _forecast(self) -> None:
+        """Stage times forecast from the architectures' FLOPs (engine/forecast.py), logged and kept
+        for the report, once per run directory."""
+        from sail.engine.forecast import ASSUMED_MFU, markdown, write_run_forecast
+
+        if self.layout.forecast.is_file():
+            return
+        settings = self.cfg.world_settings
+        seed_pairs = settings.seed_pairs if getattr(settings, "recipe", False) else None
+        rows = write_run_forecast(self.cfg, self.layout.forecast, [len(p) for p in self.plan.pools], seed_pairs,
+                                  self.ranks.world_size, self.ranks.device)
+        log.info("stage-time forecast (FLOPs at %.0f%% of the device peak):\n%s", 100 * ASSUMED_MFU,
+                 markdown(rows, f"{self.cfg.name} on {self.ranks.world_size} device(s)"))
 
     def it_dir(self, i: int) -> Path:
         return self.layout.iteration(i)

@@ -73,10 +73,29 @@ def write_report(run_dir: Path, cfg) -> Path:
     for row in rows:
         lines.append(f"| {row['iteration']} | " + " | ".join(_fmt(row.get(k)) for k, _ in cols) + " |")
     lines += ["", "![metrics](metrics.png)", "", "Sample grids: `base_eval/samples.png`, `iter_*/eval/samples.png`."]
+    lines += _stage_times(RunLayout(run_dir))
     path = atomic_write(RunLayout(run_dir).report, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     write_json(run_dir / "metrics.json", {r["iteration"]: {k: r.get(k) for k, _ in cols} for r in rows})
     _plot(run_dir / "metrics.png", rows, cols)
     return path
+
+
+def _stage_times(lay: RunLayout) -> list[str]:
+    """The stage times measured (manifest) beside the forecast made at the start (forecast.json)."""
+    from sail.engine.manifest import Manifest
+
+    if not lay.forecast.is_file():
+        return []
+    fc = read_json(lay.forecast)
+    man = Manifest(lay.root)
+    lines = ["", f"Stage times: measured, and forecast at the start from the UNet's FLOPs at {fc['mfu']:.0%} of "
+             f"{fc['peak_flops'] / 1e12:.2f} TFLOP/s ({fc['peak_source']}); see docs/cluster.md.", "",
+             "| iteration | stage | forecast s | measured s |", "|---|---|---|---|"]
+    for r in fc["rows"]:
+        entry = man.get(r["iteration"], r["stage"]) if man.done(r["iteration"], r["stage"]) else None
+        measured = f"{entry['seconds']:.1f}" if entry and "forked_from" not in entry else "–"
+        lines.append(f"| {r['iteration']} | {r['stage']} | {r['seconds']:.1f} | {measured} |")
+    return lines
 
 
 def _plot(path: Path, rows: list[dict], cols) -> None:

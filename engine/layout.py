@@ -1,7 +1,7 @@
 """The run directory: the one place that knows where every stage's files live.
 
     <run>/config.json, manifest.json      the resolved config; which stages are complete
-    <run>/report.md, metrics.json, metrics.png, tb/
+    <run>/report.md, metrics.json, metrics.png, tb/, forecast.json (stage times forecast at start)
     <run>/base_model/                     model.arch built once with random weights (else model.path)
     <run>/cache/seed/                     the pre-encoded seed pairs (unless data.cache_dir is set)
     <run>/base_eval/                      evaluation of the base model
@@ -39,6 +39,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def forecast(self) -> Path:
+        return self.root / "forecast.json"
 
     @property
     def base_model(self) -> Path:

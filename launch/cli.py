@@ -1,7 +1,7 @@
 """The `sail` console script: subcommands that mirror the launch scripts.
 
     sail train --config toy_cpu.json          = python launch/train.py --config toy_cpu.json
-    sail evaluate / sail toy-data / sail pretrain-toy / sail ablations / sail rank-study
+    sail evaluate / sail toy-data / sail pretrain-toy / sail ablations / sail rank-study / sail forecast
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ COMMANDS = {
     "pretrain-toy": "sail.launch.pretrain_toy",
     "ablations": "sail.launch.ablations",
     "rank-study": "sail.launch.rank_study",
+    "forecast": "sail.launch.forecast",
 }
 
 
