@@ -275,6 +275,8 @@ class SailConfig:
     current one was trained from."""
     rank_batch_size: int = 160
     """Images per UNet forward in ranking."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights of the models that generate and rank (auto: bf16 on CUDA, fp32 on CPU)."""
     pairing: Literal["best_worst", "best_mu2sigma", "random"] = "best_worst"
     """best_worst: the highest- and lowest-rewarded candidates; best_mu2sigma: the highest against
     the one nearest mean - 2 std of the prompt's rewards; random: a random pair (the control)."""

@@ -168,6 +168,23 @@ def run_pools(cfg) -> tuple[list[int], int | None]:
     return [len(read_prompt_file(f, "sail.prompt_files")) for f in cfg.sail.prompt_files], None
 
 
+def inference_weights(arch: str, bytes_per_param: int = 2) -> dict:
+    """Bytes of weights a rank holds in the generate stage (UNet + text encoders; the VAE is not
+    loaded: candidates stay latents) and in the rank stage (the current UNet + the ranking
+    reference), for a built-in architecture; counted on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sail.engine.models import _text_configs, _unet_config
+
+    with torch.device("meta"):
+        unet = sum(p.numel() for p in UNet2DConditionModel(**_unet_config(arch)).parameters())
+        text = sum(p.numel() for i, c in enumerate(_text_configs(arch))
+                   for p in (CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(CLIPTextConfig(**c)).parameters())
+    return {"unet_params": unet, "text_params": text, "generate": (unet + text) * bytes_per_param,
+            "rank": 2 * unet * bytes_per_param}
+
+
 def write_run_forecast(cfg, path: Path, pools: list[int], seed_pairs: int | None, world: int,
                        device: torch.device) -> list[dict]:
     """The forecast of a starting run on its own devices (``world`` of them), written to

@@ -103,6 +103,13 @@ def read_prompt_file(path: str, key: str = "prompt file") -> list[str]:
 # generate
 # --------------------------------------------------------------------------------------------
 
+def inference_dtype(cfg: SailConfig, device: torch.device) -> torch.dtype:
+    """The weights' dtype of the generate and rank stages (``sail.precision``)."""
+    from sail.engine.strategy import DTYPES, resolve_precision
+
+    return DTYPES[resolve_precision(cfg.precision, device)]
+
+
 @torch.no_grad()
 def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
                         iteration: int, ranks: Ranks) -> Path:
@@ -114,7 +121,7 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
     shard_file = out / f"cand_r{ranks.rank:03d}.safetensors"
     mine = list(range(ranks.rank, len(prompts), ranks.world_size))
     if not shard_file.is_file() and mine:
-        comps = load_components(model_dir, with_vae=False)
+        comps = load_components(model_dir, with_vae=False, dtype=inference_dtype(cfg, device))
         comps.unet.to(device).eval()
         for enc in comps.text_encoders:
             enc.to(device)
@@ -285,9 +292,10 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
     part = out.parent / f".rewards_r{ranks.rank:03d}.parquet"
     mine = list(range(ranks.rank, len(cands.prompts), ranks.world_size))
     if not part.is_file():
-        comps = load_components(cur_dir, with_text=False, with_vae=False)
+        dtype = inference_dtype(cfg, ranks.device)
+        comps = load_components(cur_dir, with_text=False, with_vae=False, dtype=dtype)
         cur = comps.unet.to(ranks.device).eval()
-        ref = load_unet(ref_dir).to(ranks.device).eval()
+        ref = load_unet(ref_dir, dtype).to(ranks.device).eval()
         rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
         for j, p in enumerate(tqdm(mine, desc="rank", disable=not ranks.is_main, mininterval=2)):
             latents, hidden, pooled = cands.of_prompt(p)

@@ -49,3 +49,23 @@ def test_a_run_writes_its_forecast_and_the_report_sets_measured_times_beside_it(
     assert "| iteration | stage | forecast s | measured s |" in report
     line = next(x for x in report.splitlines() if x.startswith("| 1 | generate |"))
     assert float(line.split("|")[4]) > 0                          # the measured time is filled in
+
+
+def test_inference_weights_match_the_models_a_stage_loads(tmp_path):
+    """Counted on the meta device = what load_components puts in memory in bf16 (tiny SDXL)."""
+    import torch
+
+    from sail.engine.forecast import inference_weights
+    from sail.engine.models import load_components, load_unet
+    from tests.engine.test_split import tiny_sdxl_folder
+
+    folder = tiny_sdxl_folder(tmp_path / "tiny_sdxl")
+    nbytes = lambda modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())  # noqa: E731
+    gen = load_components(folder, with_vae=False, dtype=torch.bfloat16)
+    rank = [load_components(folder, with_text=False, with_vae=False, dtype=torch.bfloat16).unet,
+            load_unet(folder, torch.bfloat16)]
+    counted = inference_weights("tiny-sdxl")
+    assert counted["generate"] == nbytes([gen.unet, *gen.text_encoders])
+    assert counted["rank"] == nbytes(rank)
+    sdxl = inference_weights("sdxl")
+    assert 2.5e9 < sdxl["unet_params"] < 2.6e9 and 0.8e9 < sdxl["text_params"] < 0.83e9    # SDXL: 2.57 B, 0.82 B

@@ -96,10 +96,13 @@ def test_sdxl_sail_iteration_writes_pairs_with_time_ids(tmp_path, one_thread):
     generated pairs' time ids: two separate tensors, as safetensors requires)."""
     data = recipe_config(tmp_path, recipe_shard(tmp_path))
     data["model"] = {"arch": "tiny-sdxl"}
+    data["sail"]["precision"] = "bf16"              # generate and rank in bf16, as on a GPU
     Controller(config_from_dict(data)).run()
     gen = PairCache(tmp_path / "run" / "iter_001" / "pairs_cache").load([0, 1, 2, 3])
     assert gen.pooled is not None and gen.time_ids_w.shape == (4, 6)
     assert torch.equal(gen.time_ids_w, gen.time_ids_l) and gen.time_ids_w[0, 0] == 32     # native 32 px
+    rewards = pq.read_table(tmp_path / "run" / "iter_001" / "rewards.parquet").to_pydict()["reward"]
+    assert len(rewards) == 8 and all(r == r for r in rewards) and len(set(rewards)) > 1    # finite, distinct
 
 
 def test_recipe_and_prompt_files_are_exclusive(tmp_path):
