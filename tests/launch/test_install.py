@@ -123,4 +123,4 @@ def test_wheel_installs_one_package_that_runs_outside_the_checkout(tmp_path):
     assert got["config"] == str(site / "configs" / "toy_cpu.json") and got["toy_model_ok"]
     assert got["help"] == 0
     assert got["bad"] == [2, "Error: " + f"{site / 'configs' / 'toy_cpu.json'}: method: must be one of "
-                             "['dpo', 'sail', 'online_dpo'], got 'nope'"]
+                             "['dpo', 'sail', 'online_dpo', 'sspo'], got 'nope'"]
