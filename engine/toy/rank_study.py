@@ -10,7 +10,9 @@ draw sequence (``engine.sail.reward_prompt``).
 Per K and per adaptive setting: agreement of the best-worst pair with the oracle (decided
 pairs), Kendall tau of rewards and oracle over the N candidates (mean over prompts), the
 fraction of prompts whose pair equals the ``max_draws`` pair, and the UNet forwards as a
-fraction of ``max_draws``'s. Writes ``rank_study.json`` and ``rank_study.png``.
+fraction of ``max_draws``'s. Writes ``rank_study.json``, ``rank_study.png`` and the raw
+per-draw rewards and oracle scores (``per_draw.safetensors``: ``draws_<p>`` [N, max_draws],
+``oracle_<p>`` [N]), from which other rules can be evaluated offline.
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
     world's oracle, write the rows (``analyse``) and their plot."""
     from sail.engine import seeds
     from sail.engine.config import config_from_dict
-    from sail.engine.io import read_json, write_json
+    from sail.engine.io import read_json, write_json, write_safetensors
     from sail.engine.layout import RunLayout
     from sail.engine.models import load_components, load_unet, vae_scale_factor
     from sail.engine.sail import Candidates, reward_prompt
@@ -137,6 +139,10 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
         scores.append(np.asarray(oracle(latents_to_uint8(latents), [cands.prompts[p]] * len(latents)), np.float64))
     rows = analyse(per_draws, scores, cfg)
     out = Path(out_dir)
+    # the raw per-draw rewards and oracle scores: other K rules can be studied without UNet calls
+    write_safetensors(out / "per_draw.safetensors",
+                      {**{f"draws_{p}": torch.from_numpy(d) for p, d in enumerate(per_draws)},
+                       **{f"oracle_{p}": torch.from_numpy(o) for p, o in enumerate(scores)}})
     write_json(out / "rank_study.json", {"run": str(run_dir), "config": asdict(cfg), "prompts": n_prompts,
                                          "candidates": int(per_draws[0].shape[0]), "rows": rows})
     _plot(out / "rank_study.png", rows, cfg)

@@ -43,3 +43,7 @@ def test_rank_study_of_a_finished_run(tmp_path, toy_model, one_thread):
     assert study["prompts"] == 4 and study["candidates"] == 3 and len(study["rows"]) == 4   # + best vs mu - 2 sigma
     assert study["rows"][1]["same_pair_as_max"] == 1.0                           # K = max_draws
     assert (tmp_path / "study" / "rank_study.png").stat().st_size > 1000
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "study" / "per_draw.safetensors"))
+    assert raw["draws_0"].shape == (3, 4) and raw["oracle_3"].shape == (3,)
