@@ -339,8 +339,30 @@ class SSPOConfig:
 
 
 @dataclass
+class ScorerSpec:
+    """Local weights of one learned scorer (docs/evaluation.md); nothing is downloaded."""
+
+    weights: str
+    """pickscore / clip: a transformers CLIP model folder; hpsv2: the HPS checkpoint
+    (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt, or .safetensors); aesthetic: the LAION
+    predictor's MLP (sac+logos+ava1-l14-linearMSE.pth, or .safetensors)."""
+    backbone: str | None = None
+    """A transformers CLIP folder giving what ``weights`` lacks: pickscore: the processor folder
+    (CLIP-ViT-H-14-laion2B; default: ``weights``); hpsv2: the config, tokenizer and processor of
+    open_clip's ViT-H-14 (CLIP-ViT-H-14-laion2B); aesthetic: OpenAI CLIP ViT-L/14 (required)."""
+    batch_size: int = 32
+    """Images per scorer forward."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: as the scorer's authors run it on a GPU (HPSv2, aesthetic: fp16; PickScore, CLIP:
+    fp32), fp32 on a CPU."""
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class EvalConfig:
-    """Evaluation after each iteration (held-out prompts, fixed seeds)."""
+    """Evaluation after each iteration (held-out prompts, fixed seeds), and ``sail evaluate``."""
 
     enabled: bool = True
     prompt_files: list[str] = field(default_factory=list)
@@ -350,9 +372,31 @@ class EvalConfig:
     """Images per prompt (None: the world's default, e.g. toy.world.eval_seeds_per_prompt)."""
     evaluate_base: bool = True
     """Also evaluate the base model (the first row of the report)."""
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    """Prompt sets of real-model evaluation: name -> local file or folder. Names: pickapic
+    (Pick-a-Pic v2 parquet, e.g. validation_unique), parti (PartiPrompts TSV), hpsv2 (the HPSv2
+    benchmark folder of four style JSON lists); toy (the toy world's held-out prompts)."""
+    scorers: dict[str, ScorerSpec] = field(default_factory=dict)
+    """Learned scorers by name: pickscore, hpsv2, aesthetic, clip (imagereward: see docs)."""
+    max_prompts: int | None = None
+    """In a run's evaluate stage: the first N prompts of each benchmark (iterations stay cheap);
+    ``sail evaluate`` takes --max-prompts."""
+    sampling: SamplingConfig | None = None
+    """Sampler of real-model evaluation (None: the papers' protocol by model kind: SD1.5 DDPM 50
+    steps CFG 7.5, SDXL DDIM 20 CFG 5; a pixel-space toy model: the toy world's)."""
+    seed: int = 0
+    """Seed of the evaluation images (the same for every model compared)."""
 
     def __post_init__(self):
         require(self.seeds_per_prompt is None or self.seeds_per_prompt >= 1, "seeds_per_prompt", "must be >= 1")
+        require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        from sail.engine.evaluation.prompts import READERS
+        from sail.engine.evaluation.scorers import SCORERS
+
+        for name in self.benchmarks:
+            require(name in READERS, "benchmarks", f"unknown {name!r}; known: {', '.join(READERS)}")
+        for name in self.scorers:
+            require(name in SCORERS, "scorers", f"unknown {name!r}; known: {', '.join(SCORERS)}")
 
 
 @dataclass

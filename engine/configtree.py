@@ -77,7 +77,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected an object, got {value!r}")
-        return dict(value)
+        args = typing.get_args(tp)   # dict[str, X]: each value checked (and built) as an X
+        return {k: _convert(v, args[1], f"{key}.{k}", where) for k, v in value.items()} if args else dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}: expected true/false, got {value!r}")

@@ -59,6 +59,10 @@ def write_report(run_dir: Path, cfg) -> Path:
             ("diversity/pairwise_rms", "diversity"), ("self_rank_agreement", "self-rank agreement"),
             ("self_rank_kendall_tau", "self-rank tau"), ("pair_reward_margin_p50", "median pair margin"),
             ("train/implicit_acc", "train implicit acc"), ("train/winner_worse", "train winner-worse (SSPO switch)")]
+    # learned scorers (a real-model run with eval.scorers): <benchmark>/<scorer>/mean, the paper's Figure 2
+    cols += [(k, k[:-len("/mean")]) for k in sorted({k for r in rows for k in r if k.count("/") == 2 and k.endswith("/mean")})]
+    if not any(r.get("oracle/mean") is not None for r in rows):   # no ground truth: only the columns measured
+        cols = [c for c in cols if any(r.get(c[0]) is not None for r in rows)] or cols[:1]
     if cfg.method == "sspo":
         s = cfg.sspo
         settings = (f"SSPO: pool of {s.pool_size}, a checkpoint every {s.checkpoint_every} steps, switch {s.switch}, "
@@ -105,13 +109,19 @@ def _plot(path: Path, rows: list[dict], cols) -> None:
     import matplotlib.pyplot as plt
 
     keys = [c for c in cols if c[0] != "oracle/se"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    axes = axes[0]
     x = list(range(len(rows)))
     for ax, (key, label) in zip(axes, keys):
         ys = [r.get(key) if r.get(key) is not None else np.nan for r in rows]
         if key == "oracle/mean":
             se = [r.get("oracle/se") or 0.0 for r in rows]
             ax.errorbar(x, ys, yerr=se, marker="o", capsize=3)
+        elif key.count("/") == 2:   # a learned scorer's mean and its bootstrap interval
+            base = key[:-len("mean")]
+            err = [[y - (r.get(base + "lo") if r.get(base + "lo") is not None else y) for y, r in zip(ys, rows)],
+                   [(r.get(base + "hi") if r.get(base + "hi") is not None else y) - y for y, r in zip(ys, rows)]]
+            ax.errorbar(x, ys, yerr=err, marker="o", capsize=3)
         else:
             ax.plot(x, ys, marker="o")
         ax.set_title(label, fontsize=9)

@@ -111,11 +111,34 @@ def inference_dtype(cfg: SailConfig, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
+def sample_prompts(comps, model_dir: str, prompts: list[str], seeds: list[int], sampling, *,
+                   progress: bool = False) -> tuple[torch.Tensor, "object"]:
+    """``len(seeds) / len(prompts)`` samples of each prompt (seeds in prompt-major order) from
+    loaded components on their device: (latents float32 [B, C, h, w], the prompts' Conditioning).
+    SDXL samples at its native size without crop (the time ids say so)."""
+    from sail.engine.sampling import sample_latents, sampling_scheduler
+
+    repeat = len(seeds) // len(prompts)
+    cond = encode_prompts(comps.text_encoders, comps.tokenizers, prompts)
+    uncond = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
+    side = int(comps.unet.config.sample_size)
+    added = added_u = None
+    if cond.pooled is not None:
+        tids = native_time_ids(side * vae_scale_factor(model_dir), 1)
+        added = {"text_embeds": cond.pooled.repeat_interleave(repeat, 0), "time_ids": tids.expand(len(seeds), 6)}
+        added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
+    latents = sample_latents(comps.unet, sampling_scheduler(comps.noise_scheduler, sampling.sampler),
+                             cond.hidden.repeat_interleave(repeat, 0), uncond.hidden, seeds,
+                             num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
+                             latent_shape=(comps.unet.config.in_channels, side, side),
+                             batch_size=sampling.batch_size, added_cond=added, added_uncond=added_u, progress=progress)
+    return latents, cond
+
+
+@torch.no_grad()
 def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
                         iteration: int, ranks: Ranks) -> Path:
     """N candidates per prompt from ``model_dir``; each rank writes its own shard."""
-    from sail.engine.sampling import sample_latents, sampling_scheduler
-
     out.mkdir(parents=True, exist_ok=True)
     device = ranks.device
     shard_file = out / f"cand_r{ranks.rank:03d}.safetensors"
@@ -125,23 +148,9 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
         comps.unet.to(device).eval()
         for enc in comps.text_encoders:
             enc.to(device)
-        cond = encode_prompts(comps.text_encoders, comps.tokenizers, [prompts[p] for p in mine])
-        uncond = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
         seeds = [run_seeds.candidate(seed, iteration, p, n) for p in mine for n in range(cfg.candidates)]
-        side = int(comps.unet.config.sample_size)
-        added = added_u = None
-        if cond.pooled is not None:   # SDXL: generated at the native size, no crop
-            tids = native_time_ids(side * vae_scale_factor(model_dir), 1)
-            added = {"text_embeds": cond.pooled.repeat_interleave(cfg.candidates, 0),
-                     "time_ids": tids.expand(len(seeds), 6)}
-            added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
-        sampling = cfg.sampling
-        latents = sample_latents(comps.unet, sampling_scheduler(comps.noise_scheduler, sampling.sampler),
-                                 cond.hidden.repeat_interleave(cfg.candidates, 0), uncond.hidden, seeds,
-                                 num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
-                                 latent_shape=(comps.unet.config.in_channels, side, side),
-                                 batch_size=sampling.batch_size, added_cond=added, added_uncond=added_u,
-                                 progress=ranks.is_main)
+        latents, cond = sample_prompts(comps, model_dir, [prompts[p] for p in mine], seeds, cfg.sampling,
+                                       progress=ranks.is_main)
         tensors = {"latents": latents.float().cpu(), "hidden": cond.hidden.half().cpu(),
                    "prompt_ids": torch.tensor(mine), "seeds": torch.tensor(seeds, dtype=torch.int64)}
         if cond.pooled is not None:

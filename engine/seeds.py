@@ -71,3 +71,18 @@ def reference_sample(stage_seed: int, checkpoint_step: int, pair: int) -> int:
 def encode_shard(run_seed: int, shard: int) -> tuple[list[int], int]:
     """Pre-encoding of a shard: (numpy seed for crops and flips, torch seed for VAE sampling)."""
     return [run_seed, shard], run_seed * 100003 + shard
+
+
+# ---- evaluation with learned scorers (engine/evaluation/harness.py) -----------------------
+def eval_image(eval_seed: int, benchmark: str, prompt: int, image: int) -> int:
+    """Image ``image`` of prompt ``prompt`` of a benchmark: the same for every model compared,
+    on any number of ranks. The toy benchmark keeps the toy world's evaluation seeds, so that
+    ``sail evaluate`` reproduces a toy run's own evaluation numbers."""
+    import zlib
+
+    if benchmark == "toy":
+        from sail.engine.toy.data import image_seed
+        from sail.engine.toy.evaluate import EVAL_STREAM
+
+        return image_seed(eval_seed, EVAL_STREAM, prompt, image)
+    return combine(eval_seed, zlib.crc32(benchmark.encode()), prompt, image)

@@ -126,11 +126,16 @@ class PickapicWorld(World):
     """The user's files: Pick-a-Pic v2 parquet pairs (``data.train``), and either one prompt file
     per SAIL iteration (``sail.prompt_files``) or the paper's split of data.train (the
     ``pickapic`` section, ``engine/data/split.py``); held-out prompts from ``eval.prompt_files``
-    (or the split). No ground truth: no pair diagnostics, and no evaluation until learned
-    scorers are wired in."""
+    (or the split). No ground truth: no pair diagnostics; evaluation with the learned scorers
+    of ``eval.scorers`` when configured (else the evaluate stages are skipped)."""
 
     name = "pickapic"
     settings_class = PickapicConfig
+
+    def __init__(self, cfg: "RunConfig"):
+        super().__init__(cfg)
+        # evaluates with the learned scorers of eval.scorers (engine/evaluation/), when configured
+        self.evaluates = cfg.eval.enabled and bool(cfg.eval.scorers)
 
     def preflight(self) -> None:
         from sail.engine.data.pickapic import expand_paths
@@ -138,6 +143,12 @@ class PickapicWorld(World):
         if not self.cfg.data.train:
             raise ConfigError('data.train: no preference data (give Pick-a-Pic parquet files, or set world: "toy")')
         expand_paths(self.cfg.data.train)
+        if self.evaluates:
+            self._eval_benchmarks()
+            for name, spec in self.cfg.eval.scorers.items():
+                for key, path in (("weights", spec.weights), ("backbone", spec.backbone)):
+                    if path is not None and not Path(path).expanduser().exists():
+                        raise ConfigError(f"eval.scorers.{name}.{key}: {path} does not exist (local weights expected)")
         if not self.settings.recipe:
             self._prompt_sets()
             return
@@ -162,6 +173,33 @@ class PickapicWorld(World):
         _, pools, eval_prompts = read_split(folder, stamp)
         check_prompt_sets(pools, eval_prompts, f"{folder / 'split.parquet'}")
         return WorldData(list(self.cfg.data.train), pools, eval_prompts, select=str(folder / "split.parquet"))
+
+    def evaluate(self, model_dir: str, prompts: list[str], out: Path) -> dict:
+        """The learned scorers (``eval.scorers``) on the run's held-out prompts and on
+        ``eval.benchmarks``, the first ``eval.max_prompts`` of each (engine/evaluation/harness.py:
+        ``out/table.md``, ``scores.parquet``, grids); returns and writes ``out/metrics.json`` with
+        ``<benchmark>/<scorer>/mean`` (and ``lo``, ``hi``: the bootstrap 95% interval)."""
+        from sail.engine.evaluation.harness import EvalModel, evaluate_models
+        from sail.engine.evaluation.prompts import PromptSet
+        from sail.engine.io import write_json
+        from sail.engine.ranks import single_process
+
+        ev = self.cfg.eval
+        benches = self._eval_benchmarks()
+        if prompts:
+            benches.insert(0, PromptSet("heldout", list(prompts), None, "the run's held-out prompts").head(ev.max_prompts))
+        table = evaluate_models([EvalModel("model", model_dir)], benches, ev, out, single_process(), list(ev.scorers),
+                                progress=False)
+        metrics = {f"{b}/{s}/{k}": cells["model"][k] for b, by_s in table["benchmarks"].items()
+                   for s, cells in by_s.items() for k in ("mean", "lo", "hi")}
+        write_json(Path(out) / "metrics.json", {**metrics, "n_images": table["images"], "duration(s)": table["seconds"]})
+        return metrics
+
+    def _eval_benchmarks(self) -> list:
+        from sail.engine.evaluation.prompts import read_benchmark
+
+        ev = self.cfg.eval
+        return [read_benchmark(name, path).head(ev.max_prompts) for name, path in ev.benchmarks.items()]
 
     def _iterations(self) -> int:
         return self.cfg.sail.iterations if self.cfg.method in ("sail", "online_dpo") else 0

@@ -83,15 +83,25 @@ def classify_images(images: np.ndarray) -> Readback:
 
 def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
     """Fraction of images whose background, colour, shape (and all three) match their prompt."""
+    bg, colour, shape = _matches(images, prompts)
+    return {"fidelity/background": float(bg.mean()), "fidelity/colour": float(colour.mean()),
+            "fidelity/shape": float(shape.mean()), "fidelity/all": float((bg & colour & shape).mean())}
+
+
+def fidelity_per_image(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """1.0 where an image's background, colour and shape all match its prompt, else 0.0 (the
+    scorer form of ``fidelity/all``)."""
+    bg, colour, shape = _matches(images, prompts)
+    return (bg & colour & shape).astype(np.float64)
+
+
+def _matches(images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(images) != len(prompts):
         raise ValueError(f"prompts: {len(prompts)} prompts for {len(images)} images")
     attrs = [parse_prompt(p) for p in prompts]
     read = classify_images(images)
-    bg = read.background == np.array([a.background for a in attrs])
-    colour = read.colour == np.array([a.colour for a in attrs])
-    shape = read.shape == np.array([a.shape for a in attrs])
-    return {"fidelity/background": float(bg.mean()), "fidelity/colour": float(colour.mean()),
-            "fidelity/shape": float(shape.mean()), "fidelity/all": float((bg & colour & shape).mean())}
+    return (read.background == np.array([a.background for a in attrs]),
+            read.colour == np.array([a.colour for a in attrs]), read.shape == np.array([a.shape for a in attrs]))
 
 
 def _groups(prompts: Sequence[str]) -> list[np.ndarray]:

@@ -69,10 +69,10 @@ def test_evaluate_cli(tiny_model_dir, tmp_path):
     from sail.launch.evaluate import main
 
     args = ["--model", str(tiny_model_dir), "--out", str(tmp_path), "--max-prompts", "2",
-            "--set", "eval_seeds_per_prompt=2", "--set", "sampling.steps=2", "--no-progress"]
+            "--set", "seeds_per_prompt=2", "--set", 'sampling={"steps": 2, "guidance_scale": 1.5}', "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == 4
+    assert json.loads((tmp_path / "table.json").read_text())["images"] == 4
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped base model")
