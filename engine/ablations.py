@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sail.engine.config import RunConfig, config_from_dict, config_to_dict
-from sail.engine.configtree import ConfigError, apply_overrides
+from sail.engine.configtree import ConfigError, apply_overrides, to_dict
 from sail.engine.io import atomic_write, link_tree, write_json
 from sail.engine.layout import RunLayout
 from sail.engine.manifest import Manifest
@@ -52,6 +52,7 @@ class Arm:
     overrides: tuple[str, ...]
     fork: bool            # fork the sail arm's iteration 0
     budget: bool = False  # train.steps = the sail arm's total optimizer steps (one stage)
+    iteration_loss: bool = False  # train.loss = the iterations' objective (sail.loss)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -62,6 +63,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("online_dpo", ('method="online_dpo"',), True),
     Arm("dpo_seed_budget", ('method="dpo"',), False, budget=True),
     Arm("sspo", ('method="sspo"',), False, budget=True),
+    Arm("dpo_full_budget", ('method="dpo"', 'toy.preference_set="full"'), False, budget=True, iteration_loss=True),
 )}
 
 # table rows: (label, arm, iteration directory)
@@ -76,6 +78,8 @@ ROWS = (
     ("OnlineDPO iteration 2 (oracle-ranked)", "online_dpo", "iter_002"),
     ("DPO, seed set, SAIL's total steps", "dpo_seed_budget", "iter_000"),
     ("SSPO, seed set winners, SAIL's total steps", "sspo", "iter_000"),
+    ("DPO, full set (16x labels), SAIL's total steps and iteration objective", "dpo_full_budget", "iter_000"),
+    ("SAIL iteration 3", "sail", "iter_003"),
 )
 COLUMNS = (("oracle/mean", "oracle"), ("fidelity/all", "fidelity"), ("diversity/pairwise_rms", "diversity"),
            ("self_rank_agreement", "self-rank agreement"), ("self_rank_kendall_tau", "self-rank tau"))
@@ -88,7 +92,10 @@ def total_steps(cfg: RunConfig) -> int:
 
 def arm_config(base: dict, arm: Arm, seed: int, out: Path, where: str) -> RunConfig:
     """The run config of one arm and training seed (``base``: the resolved config dict)."""
-    budget = [f"train.steps={total_steps(config_from_dict(base, where))}"] if arm.budget else []
+    resolved = config_from_dict(base, where)
+    budget = [f"train.steps={total_steps(resolved)}"] if arm.budget else []
+    if arm.iteration_loss and resolved.sail.loss is not None:
+        budget.append(f"train.loss={json.dumps(to_dict(resolved.sail.loss))}")
     overrides = list(arm.overrides) + budget + [f"seed={seed}", f"run_dir={json.dumps(str(out / f'seed{seed}' / arm.name))}",
                                        f"name={json.dumps(f'{arm.name}_seed{seed}')}"]
     return config_from_dict(apply_overrides(json.loads(json.dumps(base)), overrides, where), where)

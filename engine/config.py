@@ -386,10 +386,13 @@ class EvalConfig:
     steps CFG 7.5, SDXL DDIM 20 CFG 5; a pixel-space toy model: the toy world's)."""
     seed: int = 0
     """Seed of the evaluation images (the same for every model compared)."""
+    chunk_images: int = 256
+    """Images per chunk of ``sail evaluate``: the unit of resumption and of the split over ranks."""
 
     def __post_init__(self):
         require(self.seeds_per_prompt is None or self.seeds_per_prompt >= 1, "seeds_per_prompt", "must be >= 1")
         require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        require(self.chunk_images >= 1, "chunk_images", f"must be >= 1, got {self.chunk_images}")
         from sail.engine.evaluation.prompts import READERS
         from sail.engine.evaluation.scorers import SCORERS
 

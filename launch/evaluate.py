@@ -57,7 +57,9 @@ def load_eval_config(path: str | None, overrides: tuple[str, ...]):
 @click.option("--max-prompts", type=int, default=None, help="Only the first N prompts of each benchmark.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars (main rank).")
-def main(model_paths, baseline, out, benchmarks, scorers, config_path, overrides, max_prompts, threads, progress):
+@click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True, help="Set by the deepspeed launcher.")
+def main(model_paths, baseline, out, benchmarks, scorers, config_path, overrides, max_prompts, threads, progress,
+         local_rank):
     """Generate with fixed seeds (the papers' protocol by default), score, tabulate."""
     from sail.launch.entry import process_defaults, user_input_errors
 

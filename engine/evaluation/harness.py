@@ -39,7 +39,6 @@ from sail.engine.ranks import Ranks
 log = logging.getLogger(__name__)
 
 TOY_SCORERS = ("oracle", "fidelity", "diversity")
-CHUNK_IMAGES = 256        # images per chunk: the unit of resumption and of the split over ranks
 GRID_PROMPTS = 8
 
 
@@ -111,7 +110,7 @@ class Harness:
     def run(self, model: EvalModel, bench: PromptSet) -> None:
         sampling, k = protocol(model, self.cfg)
         folder = self.out / model.label / bench.name
-        per_chunk = max(1, CHUNK_IMAGES // k)
+        per_chunk = max(1, self.cfg.chunk_images // k)
         chunks = [range(s, min(s + per_chunk, len(bench.prompts))) for s in range(0, len(bench.prompts), per_chunk)]
         mine = [(c, rows) for c, rows in enumerate(chunks) if c % self.ranks.world_size == self.ranks.rank
                 and not (folder / "chunks" / f"{c:05d}.parquet").is_file()]

@@ -114,3 +114,9 @@ def test_budget_arms_train_one_stage_for_the_sail_runs_total_steps(tmp_path, toy
         assert (cfg.method, cfg.train.steps, cfg.seed) == (method, 3 + 2 * 2, 4)
         assert ARMS[name].fork is False
     assert arm_config(base, ARMS["random_pairing"], 4, tmp_path / "out", "test").train.steps == 3
+    # DPO on the full label set with SAIL's total steps and the iterations' objective
+    base["sail"]["loss"] = {"name": "dpo_sft", "gamma": 30}
+    full = arm_config(base, ARMS["dpo_full_budget"], 4, tmp_path / "out", "test")
+    assert (full.method, full.train.steps, full.world_settings.preference_set) == ("dpo", 7, "full")
+    assert (full.train.loss.name, full.train.loss.gamma) == ("dpo_sft", 30)
+    assert arm_config(base, ARMS["dpo_full"], 4, tmp_path / "out", "test").train.loss.name == "dpo"

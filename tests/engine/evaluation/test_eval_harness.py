@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,8 @@ def setup(tmp_path_factory, one_thread):
         "scorers": {"pickscore": {"weights": clip, "batch_size": 2}, "clip": {"weights": clip},
                     "hpsv2": {"weights": str(root / "hps.pt"), "backbone": clip},
                     "aesthetic": {"weights": str(root / "aesthetic.pth"), "backbone": clip}},
-        "sampling": {"sampler": "ddim", "steps": 2, "guidance_scale": 3.0, "batch_size": 3}}}
+        "sampling": {"sampler": "ddim", "steps": 2, "guidance_scale": 3.0, "batch_size": 3},
+        "chunk_images": 2}}
     (root / "eval.json").write_text(json.dumps(config))
     return root, models
 
@@ -107,7 +109,8 @@ def test_sail_evaluate_end_to_end(setup):
         assert (out / name).is_file()
 
     # resumable: a lost chunk is made again, the others are not touched, the table is the same
-    chunk = out / "sd15_sail" / "parti" / "chunks" / "00000.parquet"
+    assert len(list((out / "sd15_sail" / "hpsv2" / "chunks").glob("*.parquet"))) == 2     # 4 prompts, 2 a chunk
+    chunk = out / "sd15_sail" / "parti" / "chunks" / "00001.parquet"
     other = out / "sd15_base" / "hpsv2" / "chunks" / "00000.parquet"
     stamp = other.stat().st_mtime_ns
     chunk.unlink()
@@ -200,3 +203,28 @@ def test_preflight_names_a_missing_scorer_weight(tmp_path):
     data["eval"] = {"enabled": True, "scorers": {"hpsv2": {"weights": str(tmp_path / "HPS_v2.pt"), "backbone": "x"}}}
     with pytest.raises(ConfigError, match=r"eval.scorers.hpsv2.weights: .*HPS_v2.pt does not exist"):
         preflight(config_from_dict(data))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not installed")
+def test_two_ranks_score_the_same_as_one_process(setup, tmp_path):
+    """deepspeed --num_gpus 2 launch/evaluate.py: each rank a share of the chunks, the same rows."""
+    import os
+    import subprocess
+
+    from tests.engine.test_controller import REPO
+
+    root, models = setup
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    args = ["launch/evaluate.py", "--model", models["sd15_sail"], "--config", str(root / "eval.json"),
+            "--scorers", "pickscore,hpsv2", "--benchmarks", "parti,hpsv2", "--no-progress"]
+    tables = {}
+    for name, launcher in (("one", [sys.executable]), ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29563"])):
+        proc = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        tables[name] = pq.read_table(tmp_path / name / "scores.parquet").to_pydict()
+    one, two = tables["one"], tables["two"]
+    assert (one["benchmark"], one["prompt_idx"], one["seed"]) == (two["benchmark"], two["prompt_idx"], two["seed"])
+    for scorer in ("pickscore", "hpsv2"):
+        np.testing.assert_allclose(one[scorer], two[scorer], rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ from sail.engine.config import ScorerSpec
 from sail.engine.errors import InputError
 from sail.engine.evaluation.scorers import (load_aesthetic, load_clip_score, load_hpsv2, load_imagereward,
                                             load_pickscore, read_state_dict)
-from tests.engine.evaluation.conftest import WORDS, save_clip_folder, tiny_clip_config
+from tests.engine.evaluation.conftest import WORDS, save_clip_folder
 
 CPU = torch.device("cpu")
 
