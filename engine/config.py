@@ -270,6 +270,9 @@ class SailConfig:
     rank_settle_z: float = 2.0
     """Adaptive K: standard errors by which the best must lead the runner-up, and the worst trail
     the runner-down, to stop drawing."""
+    rank_min_draws: int = 0
+    """Adaptive K: draws made before the first settle test (a standard error from a handful of
+    draws is itself noisy, and early stops are where adaptive K picks another pair)."""
     rank_reference: Literal["base", "anchor", "previous"] = "base"
     """Reference of the implicit reward: the base model, the iteration-0 model, or the model the
     current one was trained from."""
@@ -315,6 +318,8 @@ class SailConfig:
         require(0.0 <= lo < hi <= 1.0, "rank_t_range", f"must be 0 <= lo < hi <= 1, got {self.rank_t_range}")
         require(self.rank_block >= 0 and self.rank_settle_z > 0, "rank_block",
                 "rank_block must be >= 0 and rank_settle_z > 0")
+        require(0 <= self.rank_min_draws <= self.rank_draws, "rank_min_draws",
+                f"must be in 0..rank_draws, got {self.rank_min_draws}")
         require(self.train_steps is None or self.train_steps >= 1, "train_steps", "must be >= 1")
 
 

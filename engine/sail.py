@@ -217,13 +217,14 @@ def ranking_settled(per_draw: torch.Tensor, settle_z: float) -> bool:
 
 
 def draws_until_settled(block_values: Callable[[slice], torch.Tensor], draws: int, block: int,
-                        settle_z: float) -> torch.Tensor:
+                        settle_z: float, min_draws: int = 0) -> torch.Tensor:
     """The adaptive-K rule: per-draw values [N, k] of blocks of ``block`` draws
-    (``block_values(slice)`` -> [N, len]) until ``ranking_settled`` or all ``draws`` are used."""
+    (``block_values(slice)`` -> [N, len]) until, after at least ``min_draws``, ``ranking_settled``,
+    or all ``draws`` are used."""
     parts = []
     for k0 in range(0, draws, block):
         parts.append(block_values(slice(k0, k0 + block)))
-        if ranking_settled(torch.cat(parts, 1), settle_z):
+        if min(k0 + block, draws) >= min_draws and ranking_settled(torch.cat(parts, 1), settle_z):
             break
     return torch.cat(parts, 1)
 
@@ -251,7 +252,8 @@ def ranking_draws(seed: int, draws: int, n_train: int, t_range: tuple[float, flo
 @torch.no_grad()
 def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, beta: float, seed: int,
                   batch: int, vae_factor: int = 8, t_range: tuple[float, float] = (0.0, 1.0), block: int = 0,
-                  settle_z: float = 2.0, noise: str = "shared", cand_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  settle_z: float = 2.0, min_draws: int = 0, noise: str = "shared",
+                  cand_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit reward of a prompt's N candidates over K (t, noise) draws (``ranking_draws``).
 
     ``block`` > 0: adaptive K. The draws are made ``block`` at a time and stop once
@@ -265,7 +267,7 @@ def reward_prompt(cur, ref, scheduler, latents, hidden, pooled, *, draws: int, b
         return out.reward[0].cpu(), out.per_draw[0].cpu()
     per_draw = draws_until_settled(
         lambda sl: _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t[sl], sl_eps(sl), beta, batch,
-                                 vae_factor).per_draw[0].cpu(), draws, block, settle_z)
+                                 vae_factor).per_draw[0].cpu(), draws, block, settle_z, min_draws)
     return per_draw.mean(1), per_draw
 
 
@@ -312,7 +314,8 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
                                              draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
                                              batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
                                              t_range=cfg.rank_t_range, block=cfg.rank_block, settle_z=cfg.rank_settle_z,
-                                             noise=cfg.rank_noise, cand_seeds=cands.seeds_of(p))
+                                             min_draws=cfg.rank_min_draws, noise=cfg.rank_noise,
+                                             cand_seeds=cands.seeds_of(p))
             rows["prompt_idx"] += [p] * len(reward)
             rows["cand"] += list(range(len(reward)))
             rows["reward"] += reward.tolist()

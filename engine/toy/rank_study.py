@@ -41,6 +41,8 @@ class RankStudyConfig:
     """Adaptive K: draws per block."""
     settle_z: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
     """Adaptive K: the stopping thresholds to evaluate."""
+    min_draws: list[int] = field(default_factory=lambda: [0])
+    """Adaptive K: draws before the first settle test (each with each threshold)."""
     prompts: int | None = None
     """Only the first N prompts (None: all)."""
     t_range: tuple[float, float] | None = None
@@ -53,6 +55,7 @@ class RankStudyConfig:
         require(self.max_draws >= 2, "max_draws", "must be >= 2")
         require(all(1 <= k <= self.max_draws for k in self.ks), "ks", f"must be in 1..max_draws, got {self.ks}")
         require(self.block >= 1 and all(z > 0 for z in self.settle_z), "block", "block >= 1 and settle_z > 0")
+        require(all(0 <= m <= self.max_draws for m in self.min_draws), "min_draws", "must be in 0..max_draws")
         require(self.t_range is None or 0.0 <= self.t_range[0] < self.t_range[1] <= 1.0, "t_range",
                 f"must be 0 <= lo < hi <= 1, got {self.t_range}")
 
@@ -63,13 +66,13 @@ def _pair(per_draw: np.ndarray, pairing: str = "best_worst") -> tuple[int, int]:
     return pick_pair(per_draw.mean(1), pairing)
 
 
-def adaptive_draws(per_draw: np.ndarray, block: int, settle_z: float) -> int:
+def adaptive_draws(per_draw: np.ndarray, block: int, settle_z: float, min_draws: int = 0) -> int:
     """The draws adaptive K would use on this prompt: the ranking's own rule
     (``engine.sail.draws_until_settled``) run on the prefixes of ``per_draw``."""
     from sail.engine.sail import draws_until_settled
 
     values = torch.from_numpy(per_draw)
-    return draws_until_settled(lambda sl: values[:, sl], per_draw.shape[1], block, settle_z).shape[1]
+    return draws_until_settled(lambda sl: values[:, sl], per_draw.shape[1], block, settle_z, min_draws).shape[1]
 
 
 def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStudyConfig) -> list[dict]:
@@ -90,8 +93,9 @@ def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStud
                 "same_pair_as_max": float(np.mean([p == r for p, r in zip(pairs, reference)]))}
 
     rows = [row(f"K={k}", [k] * len(per_draws)) for k in cfg.ks]
-    rows += [row(f"adaptive block {cfg.block}, z {z}", [adaptive_draws(d, cfg.block, z) for d in per_draws])
-             for z in cfg.settle_z]
+    rows += [row(f"adaptive block {cfg.block}, z {z}" + (f", min {m}" if m else ""),
+                 [adaptive_draws(d, cfg.block, z, m) for d in per_draws])
+             for m in cfg.min_draws for z in cfg.settle_z]
     for k in sorted({min(10, cfg.max_draws), cfg.max_draws}):   # the other pair choice, at K = 10 and max_draws
         pairs = [_pair(d[:, :k], "best_mu2sigma") for d in per_draws]
         decided = [(o[w], o[l]) for (w, l), o in zip(pairs, oracle) if o[w] != o[l]]

@@ -75,6 +75,10 @@ def test_adaptive_ranking_uses_a_prefix_of_the_same_draws(one_thread):
         assert k == (2 if settle_z < 1 else 8) and ranking_settled(used, settle_z) == (settle_z < 1)
         torch.testing.assert_close(used, full[:, :k], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(reward, full[:, :k].mean(1), rtol=1e-5, atol=1e-5)
+    # sail.rank_min_draws: the first settle test comes after 6 draws (a block boundary at or past it)
+    _, used = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, block=2, settle_z=0.01, min_draws=5)
+    assert used.shape[1] == 6
+    torch.testing.assert_close(used, full[:, :6], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full_reward, full.mean(1), rtol=1e-5, atol=1e-5)
     # a timestep window changes the draws
     _, windowed = reward_prompt(cur, ref, sched, latents, hidden, None, **kw, t_range=(0.5, 1.0))

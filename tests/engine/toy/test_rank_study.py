@@ -23,6 +23,9 @@ def test_analyse_counts_agreement_pairs_and_forwards_from_prefixes():
     # after one block even at z 1e9; prompt 1 never does and uses all 4 draws
     assert never["draws_mean"] == 3 and never["forwards_fraction"] == 0.75
     assert adaptive_draws(d0, 2, 1e9) == 2 and adaptive_draws(d1, 2, 1e9) == 4
+    assert adaptive_draws(d0, 2, 1e9, min_draws=4) == 4       # no settle test before 4 draws
+    rows = analyse([d0, d1], oracle, RankStudyConfig(max_draws=4, ks=[4], block=2, settle_z=[1e9], min_draws=[0, 4]))
+    assert [r["draws_mean"] for r in rows if r["setting"].startswith("adaptive")] == [3, 4]
 
 
 @pytest.mark.slow
