@@ -160,6 +160,24 @@ class PickapicWorld(World):
         self._eval_from_files()
 
     def prepare(self, ranks: "Ranks", base_model: str) -> WorldData:
+        data = self._prepare(ranks)
+        if self.evaluates and ranks.is_main:
+            self._warn_benchmark_overlap(data.pools)
+        return data
+
+    def _warn_benchmark_overlap(self, pools: list[list[str]]) -> None:
+        """A benchmark prompt that is also in a generation pool is trained on: said, with a count."""
+        import logging
+
+        pooled = {p for pool in pools for p in pool}
+        for bench in self._eval_benchmarks():
+            shared = [p for p in bench.prompts if p in pooled]
+            if shared:
+                logging.getLogger(__name__).warning(
+                    "eval.benchmarks.%s: %d of its %d evaluated prompts are also in a SAIL prompt pool (e.g. %r): "
+                    "their scores measure trained-on prompts", bench.name, len(shared), len(bench.prompts), shared[0])
+
+    def _prepare(self, ranks: "Ranks") -> WorldData:
         if not self.settings.recipe:
             pools, eval_prompts = self._prompt_sets()
             return WorldData(list(self.cfg.data.train), pools, eval_prompts)

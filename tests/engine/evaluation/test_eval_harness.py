@@ -228,3 +228,19 @@ def test_two_ranks_score_the_same_as_one_process(setup, tmp_path):
     assert (one["benchmark"], one["prompt_idx"], one["seed"]) == (two["benchmark"], two["prompt_idx"], two["seed"])
     for scorer in ("pickscore", "hpsv2"):
         np.testing.assert_allclose(one[scorer], two[scorer], rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_prompts_in_a_pool_are_reported(setup, tmp_path, caplog):
+    from sail.engine.config import config_from_dict
+    from sail.engine.worlds import PickapicWorld
+    from tests.engine.test_split import recipe_config, recipe_shard
+
+    root, _ = setup
+    data = recipe_config(tmp_path, recipe_shard(tmp_path))
+    ev = json.loads((root / "eval.json").read_text())["eval"]
+    data["eval"] = {"enabled": True, "benchmarks": {"parti": ev["benchmarks"]["parti"]},
+                    "scorers": {"clip": ev["scorers"]["clip"]}}
+    world = PickapicWorld(config_from_dict(data))
+    with caplog.at_level("WARNING"):
+        world._warn_benchmark_overlap([["a", "w9"], ["b"]])
+    assert "eval.benchmarks.parti: 1 of its 3 evaluated prompts are also in a SAIL prompt pool (e.g. 'w9')" in caplog.text
