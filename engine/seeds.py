@@ -76,13 +76,7 @@ def encode_shard(run_seed: int, shard: int) -> tuple[list[int], int]:
 # ---- evaluation with learned scorers (engine/evaluation/harness.py) -----------------------
 def eval_image(eval_seed: int, benchmark: str, prompt: int, image: int) -> int:
     """Image ``image`` of prompt ``prompt`` of a benchmark: the same for every model compared,
-    on any number of ranks. The toy benchmark keeps the toy world's evaluation seeds, so that
-    ``sail evaluate`` reproduces a toy run's own evaluation numbers."""
+    on any number of ranks (a prompt set may bring its own: ``PromptSet.image_seed``)."""
     import zlib
 
-    if benchmark == "toy":
-        from sail.engine.toy.data import image_seed
-        from sail.engine.toy.evaluate import EVAL_STREAM
-
-        return image_seed(eval_seed, EVAL_STREAM, prompt, image)
     return combine(eval_seed, zlib.crc32(benchmark.encode()), prompt, image)

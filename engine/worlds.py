@@ -136,6 +136,7 @@ class PickapicWorld(World):
         super().__init__(cfg)
         # evaluates with the learned scorers of eval.scorers (engine/evaluation/), when configured
         self.evaluates = cfg.eval.enabled and bool(cfg.eval.scorers)
+        self._benchmarks: list | None = None
 
     def preflight(self) -> None:
         from sail.engine.data.pickapic import expand_paths
@@ -144,11 +145,10 @@ class PickapicWorld(World):
             raise ConfigError('data.train: no preference data (give Pick-a-Pic parquet files, or set world: "toy")')
         expand_paths(self.cfg.data.train)
         if self.evaluates:
+            from sail.engine.evaluation.scorers import check_scorer_paths
+
             self._eval_benchmarks()
-            for name, spec in self.cfg.eval.scorers.items():
-                for key, path in (("weights", spec.weights), ("backbone", spec.backbone)):
-                    if path is not None and not Path(path).expanduser().exists():
-                        raise ConfigError(f"eval.scorers.{name}.{key}: {path} does not exist (local weights expected)")
+            check_scorer_paths(self.cfg.eval.scorers)
         if not self.settings.recipe:
             self._prompt_sets()
             return
@@ -214,10 +214,13 @@ class PickapicWorld(World):
         return metrics
 
     def _eval_benchmarks(self) -> list:
+        """``eval.benchmarks``, the first ``eval.max_prompts`` of each (read once per world)."""
         from sail.engine.evaluation.prompts import read_benchmark
 
-        ev = self.cfg.eval
-        return [read_benchmark(name, path).head(ev.max_prompts) for name, path in ev.benchmarks.items()]
+        if self._benchmarks is None:
+            ev = self.cfg.eval
+            self._benchmarks = [read_benchmark(name, path).head(ev.max_prompts) for name, path in ev.benchmarks.items()]
+        return list(self._benchmarks)
 
     def _iterations(self) -> int:
         return self.cfg.sail.iterations if self.cfg.method in ("sail", "online_dpo") else 0

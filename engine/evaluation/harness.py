@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sail.engine import seeds as run_seeds
 from sail.engine.config import EvalConfig, SamplingConfig
 from sail.engine.errors import InputError
 from sail.engine.evaluation.prompts import PromptSet
@@ -66,11 +65,12 @@ def protocol(model: EvalModel, cfg: EvalConfig) -> tuple[SamplingConfig, int]:
 
         toy = ToyWorldConfig()
         return cfg.sampling or toy.sampling, cfg.seeds_per_prompt or toy.eval_seeds_per_prompt
+    k = cfg.seeds_per_prompt or 1
     if cfg.sampling is not None:
-        return cfg.sampling, cfg.seeds_per_prompt or 1
+        return cfg.sampling, k
     if detect_kind(Path(model.path)) == "sdxl":
-        return SamplingConfig(sampler="ddim", steps=20, guidance_scale=5.0, batch_size=8), cfg.seeds_per_prompt or 1
-    return SamplingConfig(sampler="ddpm", steps=50, guidance_scale=7.5, batch_size=8), cfg.seeds_per_prompt or 1
+        return SamplingConfig(sampler="ddim", steps=20, guidance_scale=5.0, batch_size=8), k
+    return SamplingConfig(sampler="ddpm", steps=50, guidance_scale=7.5, batch_size=8), k
 
 
 def models_of(path: str) -> list[EvalModel]:
@@ -121,7 +121,7 @@ class Harness:
 
         for c, rows in tqdm(mine, desc=f"{model.label}/{bench.name}", disable=not (self.progress and self.ranks.is_main)):
             prompts = [bench.prompts[p] for p in rows]
-            seeds = [run_seeds.eval_image(self.cfg.seed, bench.name, p, j) for p in rows for j in range(k)]
+            seeds = [bench.seed(self.cfg.seed, p, j) for p in rows for j in range(k)]
             images = render(comps, model.path, prompts, seeds, sampling)
             self._write_chunk(folder, c, bench, rows, k, seeds, images)
         del comps

@@ -14,9 +14,11 @@ naming the file and the row: a benchmark with a hole in it is not the benchmark.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sail.engine.data.pickapic import DataError
 
@@ -31,6 +33,9 @@ class PromptSet:
     prompts: list[str]
     categories: list[str] | None = None
     source: str = ""
+    image_seed: Callable[[int, int, int], int] | None = None
+    """(eval seed, prompt index, image index) -> seed, where the set has its own (the toy world's
+    evaluation seeds); None: ``seeds.eval_image``."""
 
     def __post_init__(self):
         if not self.prompts:
@@ -43,7 +48,15 @@ class PromptSet:
         if n is None or n >= len(self.prompts):
             return self
         cats = self.categories[:n] if self.categories is not None else None
-        return PromptSet(self.name, self.prompts[:n], cats, self.source)
+        return dataclasses.replace(self, prompts=self.prompts[:n], categories=cats)
+
+    def seed(self, eval_seed: int, prompt: int, image: int) -> int:
+        """The sampling seed of image ``image`` of prompt ``prompt``."""
+        from sail.engine import seeds
+
+        if self.image_seed is not None:
+            return self.image_seed(eval_seed, prompt, image)
+        return seeds.eval_image(eval_seed, self.name, prompt, image)
 
 
 def _checked(prompt, where: str) -> str:
@@ -109,11 +122,14 @@ def read_hpsv2_prompts(folder: str) -> PromptSet:
 
 
 def read_toy_prompts(data_dir: str | None) -> PromptSet:
-    """The toy world's held-out prompts (from ``data_dir``'s splits.json, else the default world)."""
-    from sail.engine.toy.evaluate import eval_prompts
+    """The toy world's held-out prompts (from ``data_dir``'s splits.json, else the default world),
+    with the toy world's evaluation seeds: ``sail evaluate`` reproduces a toy run's own numbers."""
+    from sail.engine.toy.data import image_seed
+    from sail.engine.toy.evaluate import EVAL_STREAM, eval_prompts
     from sail.engine.toy.world import ToyWorldConfig
 
-    return PromptSet("toy", eval_prompts(ToyWorldConfig(), data_dir), None, data_dir or "toy world (defaults)")
+    return PromptSet("toy", eval_prompts(ToyWorldConfig(), data_dir), None, data_dir or "toy world (defaults)",
+                     lambda seed, prompt, image: image_seed(seed, EVAL_STREAM, prompt, image))
 
 
 READERS = {"pickapic": read_pickapic_prompts, "parti": read_parti_prompts, "hpsv2": read_hpsv2_prompts,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sail.engine.config import ScorerSpec
+from sail.engine.configtree import ConfigError
 from sail.engine.errors import InputError
 from sail.engine.scorers import register_scorer
 
@@ -44,11 +45,19 @@ IMAGEREWARD_CONFLICT = (
 
 def _check_path(path: str | None, key: str) -> Path:
     if path is None:
-        raise InputError(f"{key}: required")
+        raise ConfigError(f"{key}: required")
     p = Path(path).expanduser()
     if not p.exists():
-        raise InputError(f"{key}: {p} does not exist (local weights expected; nothing is downloaded)")
+        raise ConfigError(f"{key}: {p} does not exist (local weights expected; nothing is downloaded)")
     return p
+
+
+def check_scorer_paths(specs: dict[str, ScorerSpec]) -> None:
+    """Every configured weight and backbone path exists (run preflight: seconds, before training)."""
+    for name, spec in specs.items():
+        for key in ("weights", "backbone"):
+            if getattr(spec, key) is not None:
+                _check_path(getattr(spec, key), f"eval.scorers.{name}.{key}")
 
 
 def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
