@@ -10,8 +10,14 @@ Arms (each a run directory per seed, all from one base config):
     dpo_seed_budget method dpo on the seed set for SAIL's total optimizer steps (iteration 0's
                     plus every iteration's): the seed-only continuation at equal steps
     sspo            method sspo (engine/sspo.py) on the seed set's winners, SAIL's total steps
+    self_distillation  SAIL with random pairs in random order: no ranking signal at all
+    seed_only       SAIL with alpha = 0: the iterations train on the seed pairs only
+    winners_only    SAIL whose iterations train the winner term of sail.loss alone (loss sft)
+    dpo_full_budget dpo_full for SAIL's total steps with the iterations' objective (sail.loss)
+    dpo_seed_objective  iteration 0 trained with the iterations' objective (sail.loss)
 
-The last three differ from ``sail`` only after iteration 0, so they fork its run directory
+no_mixup, random_pairing, online_dpo, self_distillation, seed_only and winners_only differ from
+``sail`` only after iteration 0, so they fork its run directory
 there (hard links of base_eval/, iter_000/, the seed cache and their manifest entries) instead
 of training the same iteration-0 model again; the fork checks that everything iteration 0
 depends on is equal. Every arm is an ordinary resumable run: a killed table resumes.
@@ -54,6 +60,7 @@ class Arm:
     fork: bool            # fork the sail arm's iteration 0
     budget: bool = False  # train.steps = the sail arm's total optimizer steps (one stage)
     iteration_loss: bool = False  # train.loss = the iterations' objective (sail.loss)
+    winners_only: bool = False  # the iterations train the winner term of sail.loss alone (loss sft)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -65,22 +72,30 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("dpo_seed_budget", ('method="dpo"',), False, budget=True),
     Arm("sspo", ('method="sspo"',), False, budget=True),
     Arm("dpo_full_budget", ('method="dpo"', 'toy.preference_set="full"'), False, budget=True, iteration_loss=True),
+    Arm("dpo_seed_objective", ('method="dpo"',), False, iteration_loss=True),
+    Arm("self_distillation", ('sail.pairing="random_unranked"',), True),
+    Arm("seed_only", ("sail.alpha=0.0",), True),
+    Arm("winners_only", (), True, winners_only=True),
 )}
 
-# table rows: (label, arm, iteration directory)
+# table rows: (label, arm, iteration directory); rows no seed has reached are left out of the table
 ROWS = (
     ("base", "sail", "base"),
     ("DPO, seed set (iteration 0)", "sail", "iter_000"),
+    ("iteration 0 with the iterations' objective (seed set)", "dpo_seed_objective", "iter_000"),
     ("DPO, full set (16x labels)", "dpo_full", "iter_000"),
+    ("DPO, full set (16x labels), SAIL's total steps and iteration objective", "dpo_full_budget", "iter_000"),
     ("SAIL iteration 1", "sail", "iter_001"),
     ("SAIL iteration 2", "sail", "iter_002"),
+    ("SAIL iteration 3", "sail", "iter_003"),
+    ("SAIL iteration 2, random pairing (ranking-oriented)", "random_pairing", "iter_002"),
+    ("self-distillation control iteration 2 (random pairs, random order)", "self_distillation", "iter_002"),
     ("SAIL iteration 2, no mixup (alpha = 1)", "no_mixup", "iter_002"),
-    ("SAIL iteration 2, random pairing", "random_pairing", "iter_002"),
+    ("seed-only continuation iteration 2 (alpha = 0)", "seed_only", "iter_002"),
+    ("winners-only control iteration 2 (the winner term alone)", "winners_only", "iter_002"),
     ("OnlineDPO iteration 2 (oracle-ranked)", "online_dpo", "iter_002"),
     ("DPO, seed set, SAIL's total steps", "dpo_seed_budget", "iter_000"),
     ("SSPO, seed set winners, SAIL's total steps", "sspo", "iter_000"),
-    ("DPO, full set (16x labels), SAIL's total steps and iteration objective", "dpo_full_budget", "iter_000"),
-    ("SAIL iteration 3", "sail", "iter_003"),
 )
 COLUMNS = (("oracle/mean", "oracle"), ("fidelity/all", "fidelity"), ("diversity/pairwise_rms", "diversity"),
            ("self_rank_agreement", "self-rank agreement"), ("self_rank_kendall_tau", "self-rank tau"))
@@ -97,6 +112,12 @@ def arm_config(base: dict, arm: Arm, seed: int, out: Path, where: str) -> RunCon
     budget = [f"train.steps={total_steps(resolved)}"] if arm.budget else []
     if arm.iteration_loss and resolved.sail.loss is not None:
         budget.append(f"train.loss={json.dumps(to_dict(resolved.sail.loss))}")
+    if arm.winners_only:
+        loss = resolved.sail.loss or resolved.train.loss
+        if loss.gamma <= 0:
+            raise ConfigError(f"{where}: the winners_only arm trains the iterations' winner term alone; "
+                              f"sail.loss has none (gamma {loss.gamma})")
+        budget.append(f'sail.loss={{"name": "sft", "gamma": {loss.gamma}}}')
     overrides = list(arm.overrides) + budget + [f"seed={seed}", f"run_dir={json.dumps(str(out / f'seed{seed}' / arm.name))}",
                                        f"name={json.dumps(f'{arm.name}_seed{seed}')}"]
     return config_from_dict(apply_overrides(json.loads(json.dumps(base)), overrides, where), where)
@@ -276,6 +297,8 @@ def write_table(out: Path, title: str = "Results") -> Path:
              "", head, "|---" * (len(COLUMNS) + 4) + "|"]
     summary = {}
     for label, cols in table.items():
+        if not cols["seeds"]:
+            continue
         n_img = {x for x in cols["n_images"] if x is not None}
         lines.append(f"| {label} | {len(cols['seeds'])} | {'/'.join(str(x) for x in sorted(n_img)) or '–'} | "
                      + " | ".join(_cell(cols[k]) for k, _ in COLUMNS) + f" | {_cell(cols['oracle/se'])} |")

@@ -280,9 +280,14 @@ class SailConfig:
     """Images per UNet forward in ranking."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights of the models that generate and rank (auto: bf16 on CUDA, fp32 on CPU)."""
-    pairing: Literal["best_worst", "best_mu2sigma", "random"] = "best_worst"
+    pairing: Literal["best_worst", "best_mu2sigma", "random", "random_unranked"] = "best_worst"
     """best_worst: the highest- and lowest-rewarded candidates; best_mu2sigma: the highest against
-    the one nearest mean - 2 std of the prompt's rewards; random: a random pair (the control)."""
+    the one nearest mean - 2 std of the prompt's rewards; random: a random pair, the higher-rewarded
+    the winner (the pair-selection ablation: the ranking still orients it); random_unranked: a
+    random pair in random order (the self-distillation control: no ranking signal)."""
+    pairs_per_prompt: int = 1
+    """Disjoint pairs taken from each prompt's N candidates (best_worst: the i-th best against the
+    i-th worst; random: 2 x this many candidates drawn at random); at most N / 2."""
     min_pair_z: float = 0.0
     """Keep a prompt's pair only if its reward gap is at least this many standard errors of the
     paired difference over the K shared draws (0: keep every prompt's pair)."""
@@ -313,6 +318,10 @@ class SailConfig:
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.rank_batch_size >= 1, "rank_batch_size", "must be >= 1")
+        require(1 <= self.pairs_per_prompt <= self.candidates // 2, "pairs_per_prompt",
+                f"must be in 1..candidates/2 = {self.candidates // 2}, got {self.pairs_per_prompt}")
+        require(self.pairs_per_prompt == 1 or self.pairing != "best_mu2sigma", "pairs_per_prompt",
+                "best_mu2sigma takes one pair per prompt")
         require(self.min_pair_z >= 0, "min_pair_z", f"must be >= 0, got {self.min_pair_z}")
         lo, hi = self.rank_t_range
         require(0.0 <= lo < hi <= 1.0, "rank_t_range", f"must be 0 <= lo < hi <= 1, got {self.rank_t_range}")

@@ -154,7 +154,7 @@ class Controller:
 
             cands, rewards = sail.Candidates(lay.candidates(i)), pq.read_table(lay.rewards(i)).to_pydict()
             pairs = sail.choose_pairs(rewards, self.cfg.sail.pairing, seeds.pairing(self.cfg.seed, i),
-                                      self.cfg.sail.min_pair_z)
+                                      self.cfg.sail.min_pair_z, self.cfg.sail.pairs_per_prompt)
             pairs.update(self.world.diagnose(cands, rewards, pairs, lay.diagnostics(i)))
             write_parquet(lay.pairs(i), pairs)
             hooks.reached("pair")

@@ -363,26 +363,32 @@ def pair_confidence(draws_w, draws_l) -> float:
     return float(mean / se)
 
 
-def pick_pair(rs: np.ndarray, pairing: str, rng_seed: int = 0) -> tuple[int, int]:
-    """(winner, loser) among one prompt's candidates from their rewards ``rs`` [N]:
-    best_worst: argmax and argmin; best_mu2sigma: argmax and the candidate nearest to
-    mean - 2 std (a clearly worse sample that is not the extreme, which may be a degenerate
-    one); random: two distinct candidates, the higher-rewarded the winner."""
+def pick_pairs(rs: np.ndarray, pairing: str, rng_seed: int = 0, per_prompt: int = 1) -> list[tuple[int, int]]:
+    """``per_prompt`` disjoint (winner, loser) pairs among one prompt's candidates from their
+    rewards ``rs`` [N]. best_worst: the i-th best against the i-th worst (i = 1: argmax and
+    argmin); best_mu2sigma (one pair): argmax and the candidate nearest to mean - 2 std (a
+    clearly worse sample that is not the extreme, which may be a degenerate one); random:
+    ``2 per_prompt`` distinct candidates paired in the order drawn, the higher-rewarded the winner;
+    random_unranked: the same pairs, the first drawn the winner (the rewards are not used: the
+    self-distillation control, no ranking signal at all)."""
     if pairing == "best_worst":
-        return int(rs.argmax()), int(rs.argmin())
+        winners = np.argsort(-rs, kind="stable")[:per_prompt]
+        losers = [c for c in np.argsort(rs, kind="stable") if c not in winners][:per_prompt]
+        return [(int(w), int(l)) for w, l in zip(winners, losers)]
     if pairing == "best_mu2sigma":
         w = int(rs.argmax())
         gap = np.abs(rs - (rs.mean() - 2.0 * rs.std()))
         gap[w] = np.inf
-        return w, int(gap.argmin())
-    rng = np.random.default_rng(rng_seed)
-    a, b = rng.choice(len(rs), size=2, replace=False)
-    return (int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a))
+        return [(w, int(gap.argmin()))]
+    picks = np.random.default_rng(rng_seed).choice(len(rs), size=2 * per_prompt, replace=False)
+    if pairing == "random_unranked":
+        return [(int(a), int(b)) for a, b in zip(picks[0::2], picks[1::2])]
+    return [(int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a)) for a, b in zip(picks[0::2], picks[1::2])]
 
 
-def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0) -> dict:
-    """Per prompt: the pair ``pick_pair`` chooses; with ``min_z`` > 0, only prompts whose pair's
-    reward gap is at least ``min_z`` standard errors (``pair_confidence``) keep their pair."""
+def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0, per_prompt: int = 1) -> dict:
+    """Per prompt: the pairs ``pick_pairs`` chooses; with ``min_z`` > 0, only pairs whose reward
+    gap is at least ``min_z`` standard errors (``pair_confidence``) are kept."""
     by_prompt: dict[int, list[tuple[int, float, list]]] = {}
     for p, c, r, d in zip(rewards["prompt_idx"], rewards["cand"], rewards["reward"], rewards["draws"]):
         by_prompt.setdefault(p, []).append((c, r, d))
@@ -390,15 +396,15 @@ def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0) -> 
     for p in sorted(by_prompt):
         items = sorted(by_prompt[p])
         rs = np.array([r for _, r, _ in items])
-        w, l = pick_pair(rs, pairing, run_seeds.random_pair(seed, p))
-        z = pair_confidence(items[w][2], items[l][2])
-        if min_z > 0 and not z >= min_z:
-            continue
-        out["prompt_idx"].append(p)
-        out["winner"].append(items[w][0])
-        out["loser"].append(items[l][0])
-        out["margin"].append(float(rs[w] - rs[l]))
-        out["z"].append(z)
+        for w, l in pick_pairs(rs, pairing, run_seeds.random_pair(seed, p), per_prompt):
+            z = pair_confidence(items[w][2], items[l][2])
+            if min_z > 0 and not z >= min_z:
+                continue
+            out["prompt_idx"].append(p)
+            out["winner"].append(items[w][0])
+            out["loser"].append(items[l][0])
+            out["margin"].append(float(rs[w] - rs[l]))
+            out["z"].append(z)
     if not out["prompt_idx"]:
         raise DataError(f"sail.min_pair_z: no prompt's pair has a reward gap of {min_z} standard errors "
                         f"(of {len(by_prompt)} prompts); lower it or raise sail.rank_draws")

@@ -101,7 +101,7 @@ class ToyWorld(World):
             "self_rank_agreement": float((ow > ol)[decided].mean()) if decided.any() else float("nan"),
             "self_rank_kendall_tau": float(np.nanmean([kendall_tau(a, b) for a, b in zip(reward, scores)])),
             "pairs": len(ow),
-            "pairs_kept_fraction": len(ow) / len(cands.prompts),
+            "prompts_kept_fraction": len(set(pairs["prompt_idx"])) / len(cands.prompts),
             "oracle_gap_mean": float((ow - ol).mean()),
             "candidate_oracle_mean": float(scores.mean()),
             "reward_margin": {"mean": float(margins.mean()), "p10": float(np.percentile(margins, 10)),

@@ -61,9 +61,9 @@ class RankStudyConfig:
 
 
 def _pair(per_draw: np.ndarray, pairing: str = "best_worst") -> tuple[int, int]:
-    from sail.engine.sail import pick_pair
+    from sail.engine.sail import pick_pairs
 
-    return pick_pair(per_draw.mean(1), pairing)
+    return pick_pairs(per_draw.mean(1), pairing)[0]
 
 
 def adaptive_draws(per_draw: np.ndarray, block: int, settle_z: float, min_draws: int = 0) -> int:

@@ -52,6 +52,7 @@ def test_arms_fork_iteration0_and_tabulate(tmp_path, toy_model, one_thread):
     assert table["SAIL iteration 2"]["seeds"] == []                        # one iteration only
     write_table(out)
     md = (out / "table.md").read_text()
+    assert "| SAIL iteration 2 |" not in md                               # rows no seed reached: left out
     m, se, n = mean_se(it1)
     assert f"| SAIL iteration 1 | 2 | 3 | {m:.3f} ± {se:.3f} |" in md and (out / "table.png").is_file()
 
@@ -120,3 +121,16 @@ def test_budget_arms_train_one_stage_for_the_sail_runs_total_steps(tmp_path, toy
     assert (full.method, full.train.steps, full.world_settings.preference_set) == ("dpo", 7, "full")
     assert (full.train.loss.name, full.train.loss.gamma) == ("dpo_sft", 30)
     assert arm_config(base, ARMS["dpo_full"], 4, tmp_path / "out", "test").train.loss.name == "dpo"
+    # iteration 0 with the iterations' objective: the seed set, iteration 0's steps
+    it0 = arm_config(base, ARMS["dpo_seed_objective"], 4, tmp_path / "out", "test")
+    assert (it0.method, it0.train.steps, it0.world_settings.preference_set) == ("dpo", 3, "seed")
+    assert (it0.train.loss.name, it0.train.loss.gamma) == ("dpo_sft", 30)
+    # the controls: random pairs in random order; the seed pairs only; the winner term alone
+    assert arm_config(base, ARMS["self_distillation"], 4, tmp_path / "out", "test").sail.pairing == "random_unranked"
+    assert arm_config(base, ARMS["seed_only"], 4, tmp_path / "out", "test").sail.alpha == 0.0
+    wo = arm_config(base, ARMS["winners_only"], 4, tmp_path / "out", "test")
+    assert (wo.method, wo.train.loss.name, wo.sail.loss.name, wo.sail.loss.gamma) == ("sail", "dpo", "sft", 30)
+    assert all(ARMS[a].fork for a in ("self_distillation", "seed_only", "winners_only"))
+    base["sail"]["loss"] = None                                 # plain DPO iterations: no winner term to keep
+    with pytest.raises(ConfigError, match="winners_only arm trains the iterations' winner term alone"):
+        arm_config(base, ARMS["winners_only"], 4, tmp_path / "out", "test")

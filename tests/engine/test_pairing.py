@@ -142,14 +142,61 @@ def test_mix_proportions_and_the_seed_only_control():
 
 
 def test_best_against_mu_minus_two_sigma_skips_an_extreme_outlier():
-    from sail.engine.sail import pick_pair
+    from sail.engine.sail import pick_pairs
 
     rs = np.array([0.1 * i for i in range(19)] + [-6.0])       # one degenerate candidate far below
     target = rs.mean() - 2 * rs.std()
-    w, l = pick_pair(rs, "best_mu2sigma")
+    [(w, l)] = pick_pairs(rs, "best_mu2sigma")
     assert w == 18 and l == 0 and abs(rs[0] - target) < abs(rs[19] - target)
-    assert pick_pair(rs, "best_worst") == (18, 19)
+    assert pick_pairs(rs, "best_worst") == [(18, 19)]
     small = np.array([0.3, -0.2, 0.9, -0.4])                   # no outlier: the worst is the nearest
-    assert pick_pair(small, "best_mu2sigma") == pick_pair(small, "best_worst") == (2, 3)
-    a, b = pick_pair(small, "random", 5)
+    assert pick_pairs(small, "best_mu2sigma") == pick_pairs(small, "best_worst") == [(2, 3)]
+    [(a, b)] = pick_pairs(small, "random", 5)
     assert a != b and small[a] >= small[b]
+    rng = np.random.default_rng(5)                              # one random pair: the draw it always was
+    first, second = rng.choice(4, size=2, replace=False)
+    assert {a, b} == {int(first), int(second)}
+
+
+def test_several_pairs_per_prompt_nest_from_the_extremes_inwards():
+    from sail.engine.sail import pick_pairs
+
+    rs = np.array([0.5, 2.0, -1.0, 0.0, 3.0, 1.0, -2.0, 0.7])   # ranks: 4 1 5 7 | 0 3 2 6
+    assert pick_pairs(rs, "best_worst", per_prompt=1) == [(4, 6)]
+    assert pick_pairs(rs, "best_worst", per_prompt=3) == [(4, 6), (1, 2), (5, 3)]
+    assert pick_pairs(rs, "best_worst", per_prompt=4) == [(4, 6), (1, 2), (5, 3), (7, 0)]
+    flat = np.zeros(4)                                          # ties: still two distinct candidates a pair
+    assert pick_pairs(flat, "best_worst", per_prompt=2) == [(0, 2), (1, 3)]
+    pairs = pick_pairs(rs, "random", 11, per_prompt=4)
+    used = [c for pair in pairs for c in pair]
+    assert sorted(used) == list(range(8))                       # disjoint: every candidate once
+    assert all(rs[w] >= rs[l] for w, l in pairs)
+    assert pairs != pick_pairs(rs, "best_worst", per_prompt=4)
+    unranked = pick_pairs(rs, "random_unranked", 11, per_prompt=4)     # the same pairs, in drawn order
+    assert sorted(map(sorted, unranked)) == sorted(map(sorted, pairs))
+    assert any(rs[w] < rs[l] for w, l in unranked)
+    assert pick_pairs(-rs, "random_unranked", 11, per_prompt=4) == unranked  # the rewards play no part
+
+
+def test_choose_pairs_takes_every_pair_of_every_prompt_and_filters_each():
+    table = _rewards({
+        0: [[4.0, 4.1, 3.9], [1.0, 1.1, 0.9], [3.0, 3.1, 2.9], [0.0, 0.1, -0.1]],
+        1: [[1.0, -1.0, 2.0], [0.0, 2.0, 0.5], [5.0, 5.1, 4.9], [0.4, 0.5, 0.6]],
+    })
+    two = choose_pairs(table, "best_worst", seed=0, per_prompt=2)
+    assert two["prompt_idx"] == [0, 0, 1, 1]
+    assert list(zip(two["winner"], two["loser"])) == [(0, 3), (2, 1), (2, 3), (1, 0)]
+    assert two["margin"][1] == pytest.approx(2.0)
+    kept = choose_pairs(table, "best_worst", seed=0, min_z=2.0, per_prompt=2)
+    assert kept["prompt_idx"] == [0, 0, 1]                      # prompt 1's inner pair is noise (z < 1)
+
+
+def test_pairs_per_prompt_is_checked_against_the_candidates():
+    from sail.engine.config import config_from_dict
+    from sail.engine.configtree import ConfigError
+
+    assert config_from_dict({"name": "x", "sail": {"pairs_per_prompt": 4}}).sail.pairs_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"sail\.pairs_per_prompt: must be in 1..candidates/2 = 4, got 5"):
+        config_from_dict({"name": "x", "sail": {"pairs_per_prompt": 5}})
+    with pytest.raises(ConfigError, match="best_mu2sigma takes one pair"):
+        config_from_dict({"name": "x", "sail": {"pairing": "best_mu2sigma", "pairs_per_prompt": 2}})
