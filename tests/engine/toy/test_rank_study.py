@@ -19,6 +19,9 @@ def test_analyse_counts_agreement_pairs_and_forwards_from_prefixes():
     assert four["agreement"] == 1.0 and four["same_pair_as_max"] == 1.0
     # prompt 1 ranks 0 > 2 > 1 against the oracle's 0 > 1 > 2: tau 1/3; prompt 0: tau 1
     assert np.isclose(four["kendall_tau"], (1 + 1 / 3) / 2)
+    mu2 = rows["best vs mu - 2 sigma, K=4"]         # the other pair choice: its own K = max pair, same tau
+    assert mu2["same_pair_as_max"] == 1.0 and mu2["kendall_tau"] == four["kendall_tau"]
+    assert mu2["agreement"] == 1.0 and mu2["forwards_fraction"] == 1.0
     # prompt 0's gaps are the same on every draw (infinitely many standard errors): it settles
     # after one block even at z 1e9; prompt 1 never does and uses all 4 draws
     assert never["draws_mean"] == 3 and never["forwards_fraction"] == 0.75
