@@ -49,6 +49,8 @@ class RankStudyConfig:
     """Timestep window of the draws (None: the run's sail.rank_t_range)."""
     noise: Literal["shared", "antithetic", "own"] | None = None
     """Noise of the draws (None: the run's sail.rank_noise)."""
+    reference: Literal["base", "anchor", "previous"] | None = None
+    """Reference of the implicit reward (None: the run's sail.rank_reference)."""
 
     def __post_init__(self):
         require(self.iteration >= 1, "iteration", "must be >= 1")
@@ -120,7 +122,11 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
         raise ConfigError(f"{lay.config}: world {run_cfg.world!r} has no oracle to compare the ranking with")
     base = run_cfg.model.resolved_path() or str(lay.base_model)
     model = {j: (base if j < 0 else str(lay.model(j))) for j in (-1, 0, i - 2, i - 1)}
-    cur_dir, ref_dir = model[i - 1], model[{"base": -1, "anchor": 0, "previous": i - 2}[run_cfg.sail.rank_reference]]
+    reference = cfg.reference or run_cfg.sail.rank_reference
+    cur_dir, ref_dir = model[i - 1], model[{"base": -1, "anchor": 0, "previous": i - 2}[reference]]
+    if cur_dir == ref_dir:
+        raise ConfigError(f"reference: at iteration {i} the {reference!r} reference is the ranked model itself "
+                          f"(every reward would be 0)")
     comps = load_components(cur_dir, with_text=False, with_vae=False)
     cur, ref = comps.unet.eval(), load_unet(ref_dir).eval()
     cands = Candidates(lay.candidates(i))
