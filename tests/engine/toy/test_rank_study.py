@@ -53,3 +53,13 @@ def test_rank_study_of_a_finished_run(tmp_path, toy_model, one_thread):
 
     raw = load_file(str(tmp_path / "study" / "per_draw.safetensors"))
     assert raw["draws_0"].shape == (3, 4) and raw["oracle_3"].shape == (3,)
+    # another ranking reference on the same candidates; at iteration 1 the anchor is the ranked model itself
+    base_ref = CliRunner().invoke(main, ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "study_b"),
+                                         "--set", "max_draws=4", "--set", "ks=[4]", "--set", "settle_z=[2.0]",
+                                         "--set", 'reference="base"'])
+    assert base_ref.exit_code == 0, base_ref.output
+    again = json.loads((tmp_path / "study_b" / "rank_study.json").read_text())["rows"][0]
+    assert again["agreement"] == study["rows"][1]["agreement"]      # the run's own reference is base
+    anchor = CliRunner().invoke(main, ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "study_a"),
+                                       "--set", "max_draws=4", "--set", 'reference="anchor"'])
+    assert anchor.exit_code == 2 and "the 'anchor' reference is the ranked model itself" in anchor.output
