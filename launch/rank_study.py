@@ -32,9 +32,10 @@ def main(run_dir, out, config_path, overrides, threads):
     from sail.engine.configtree import load_dataclass
     from sail.engine.toy.rank_study import RankStudyConfig, rank_study
 
-    with user_input_errors():
+    with user_input_errors():          # the config, and what the run cannot give (no oracle, a degenerate reference)
         cfg = load_dataclass(RankStudyConfig, config_path, overrides)
-    for row in rank_study(run_dir, out, cfg):
+        rows = rank_study(run_dir, out, cfg)
+    for row in rows:
         click.echo(json.dumps(row))
 
 

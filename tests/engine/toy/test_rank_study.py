@@ -61,5 +61,5 @@ def test_rank_study_of_a_finished_run(tmp_path, toy_model, one_thread):
     again = json.loads((tmp_path / "study_b" / "rank_study.json").read_text())["rows"][0]
     assert again["agreement"] == study["rows"][1]["agreement"]      # the run's own reference is base
     anchor = CliRunner().invoke(main, ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "study_a"),
-                                       "--set", "max_draws=4", "--set", 'reference="anchor"'])
+                                       "--set", "max_draws=4", "--set", "ks=[4]", "--set", 'reference="anchor"'])
     assert anchor.exit_code == 2 and "the 'anchor' reference is the ranked model itself" in anchor.output
