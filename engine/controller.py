@@ -141,7 +141,7 @@ class Controller:
             if self.ranks.is_main:
                 sail.score_candidates_external(cands, self.world.scorer(self.cfg.sail.external_scorer), out)
             return [out]
-        ref = {"base": -1, "anchor": 0, "previous": i - 2}[self.cfg.sail.rank_reference]
+        ref = sail.rank_reference_model(self.cfg.sail.rank_reference, i)
         return [sail.rank_candidates(cands, self.model(i - 1), self.model(ref), self.cfg.sail, self.cfg.train.beta,
                                      out, seed=self.cfg.seed, iteration=i, ranks=self.ranks)]
 

@@ -297,6 +297,12 @@ def _reward_draws(cur, ref, scheduler, latents, hidden, pooled, t, eps, beta: fl
     return implicit_reward(cur_pred, ref_pred, target, beta)
 
 
+def rank_reference_model(reference: str, iteration: int) -> int:
+    """The model index (-1: base, 0: M_0, ...) the implicit reward of ``iteration``'s ranking is
+    measured against: base, anchor (M_0) or previous (the model the ranked M_{i-1} was trained from)."""
+    return {"base": -1, "anchor": 0, "previous": iteration - 2}[reference]
+
+
 def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path, *,
                     seed: int, iteration: int, ranks: Ranks) -> Path:
     """Self-ranking: implicit reward of every candidate (current model vs ranking reference)."""
@@ -381,9 +387,10 @@ def pick_pairs(rs: np.ndarray, pairing: str, rng_seed: int = 0, per_prompt: int 
         gap[w] = np.inf
         return [(w, int(gap.argmin()))]
     picks = np.random.default_rng(rng_seed).choice(len(rs), size=2 * per_prompt, replace=False)
+    drawn = [(int(a), int(b)) for a, b in zip(picks[0::2], picks[1::2])]
     if pairing == "random_unranked":
-        return [(int(a), int(b)) for a, b in zip(picks[0::2], picks[1::2])]
-    return [(int(a), int(b)) if rs[a] >= rs[b] else (int(b), int(a)) for a, b in zip(picks[0::2], picks[1::2])]
+        return drawn
+    return [(a, b) if rs[a] >= rs[b] else (b, a) for a, b in drawn]
 
 
 def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0, per_prompt: int = 1) -> dict:

@@ -82,8 +82,9 @@ def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStud
     [N, max_draws] and oracle scores [N]."""
     from sail.engine.toy.plugin import kendall_tau
 
+    reference = {p: [_pair(d, p) for d in per_draws] for p in ("best_worst", "best_mu2sigma")}  # at max_draws
+
     def row(name: str, used: list[int], pairing: str = "best_worst") -> dict:
-        reference = [_pair(d, pairing) for d in per_draws]
         pairs = [_pair(d[:, :k], pairing) for d, k in zip(per_draws, used)]
         decided = [(o[w], o[l]) for (w, l), o in zip(pairs, oracle) if o[w] != o[l]]
         taus = [kendall_tau(d[:, :k].mean(1), o) for d, k, o in zip(per_draws, used, oracle)]
@@ -91,7 +92,7 @@ def analyse(per_draws: list[np.ndarray], oracle: list[np.ndarray], cfg: RankStud
                 "forwards_fraction": float(np.mean(used)) / cfg.max_draws,
                 "agreement": float(np.mean([a > b for a, b in decided])) if decided else float("nan"),
                 "kendall_tau": float(np.nanmean(taus)),
-                "same_pair_as_max": float(np.mean([p == r for p, r in zip(pairs, reference)]))}
+                "same_pair_as_max": float(np.mean([p == r for p, r in zip(pairs, reference[pairing])]))}
 
     rows = [row(f"K={k}", [k] * len(per_draws)) for k in cfg.ks]
     rows += [row(f"adaptive block {cfg.block}, z {z}" + (f", min {m}" if m else ""),
@@ -111,7 +112,7 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
     from sail.engine.io import read_json, write_json, write_safetensors
     from sail.engine.layout import RunLayout
     from sail.engine.models import load_components, load_unet, vae_scale_factor
-    from sail.engine.sail import Candidates, reward_prompt
+    from sail.engine.sail import Candidates, rank_reference_model, reward_prompt
     from sail.engine.sampling import latents_to_uint8
     from sail.engine.worlds import make_world
 
@@ -123,7 +124,7 @@ def rank_study(run_dir: str | Path, out_dir: str | Path, cfg: RankStudyConfig, p
     base = run_cfg.model.resolved_path() or str(lay.base_model)
     model = {j: (base if j < 0 else str(lay.model(j))) for j in (-1, 0, i - 2, i - 1)}
     reference = cfg.reference or run_cfg.sail.rank_reference
-    cur_dir, ref_dir = model[i - 1], model[{"base": -1, "anchor": 0, "previous": i - 2}[reference]]
+    cur_dir, ref_dir = model[i - 1], model[rank_reference_model(reference, i)]
     if cur_dir == ref_dir:
         raise ConfigError(f"reference: at iteration {i} the {reference!r} reference is the ranked model itself "
                           f"(every reward would be 0)")
