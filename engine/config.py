@@ -95,6 +95,8 @@ class DataConfig:
     """Refuse the data set at its first malformed row or undecodable image."""
     encode_batch_size: int = 16
     """Images per VAE / text-encoder batch in the pre-encoding pass."""
+    encode_shard_pairs: int = 256
+    """Pairs per cache shard: the unit of work handed to a rank and of resume in pre-encoding."""
     decoder: Literal["pil", "dali"] = "pil"
     """Image decoding backend of the pre-encoding pass."""
 
@@ -104,6 +106,7 @@ class DataConfig:
         require(self.resolution is None or self.resolution >= 8, "resolution", "must be >= 8")
         require(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be > 0")
         require(self.encode_batch_size > 0, "encode_batch_size", "must be > 0")
+        require(self.encode_shard_pairs > 0, "encode_shard_pairs", "must be > 0")
         require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction",
                 f"must be in [0, 1), got {self.max_bad_fraction}")
 
@@ -113,7 +116,9 @@ class OptimizerConfig:
     """Optimizer choice and hyper-parameters."""
 
     name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
-    """adamw (torch / DeepSpeed), adamw8bit (bitsandbytes), adafactor (transformers, SDXL recipe)."""
+    """adamw (torch / DeepSpeed; the recipes'), adamw8bit (bitsandbytes), adafactor (transformers,
+    the Diffusion-DPO paper's SDXL optimizer). adamw8bit and adafactor are refused under ZeRO 1-3:
+    their update is not element-wise (engine/optim.py::UPDATE_COUPLING)."""
     lr: float = 1e-5
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -278,6 +283,10 @@ class SailConfig:
     current one was trained from."""
     rank_batch_size: int = 160
     """Images per UNet forward in ranking."""
+    chunk_prompts: int = 64
+    """Prompts per chunk of the generate and rank stages: the unit of work handed to a rank and
+    of resume (a killed stage loses at most one chunk per rank). A multiple of
+    sampling.batch_size / candidates keeps the sampling batches of one process unchanged."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights of the models that generate and rank (auto: bf16 on CUDA, fp32 on CPU)."""
     pairing: Literal["best_worst", "best_mu2sigma", "random", "random_unranked"] = "best_worst"
@@ -318,6 +327,7 @@ class SailConfig:
         require(self.rank_draws >= 1, "rank_draws", "must be >= 1")
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.rank_batch_size >= 1, "rank_batch_size", "must be >= 1")
+        require(self.chunk_prompts >= 1, "chunk_prompts", f"must be >= 1, got {self.chunk_prompts}")
         require(1 <= self.pairs_per_prompt <= self.candidates // 2, "pairs_per_prompt",
                 f"must be in 1..candidates/2 = {self.candidates // 2}, got {self.pairs_per_prompt}")
         require(self.pairs_per_prompt == 1 or self.pairing != "best_mu2sigma", "pairs_per_prompt",

@@ -11,7 +11,9 @@ incomplete stage; ``--stage NAME --iteration I`` runs one stage alone (its input
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from sail.engine.layout import RunLayout
 from sail.engine.models import vae_scale_factor
 from sail.engine.manifest import Manifest
 from sail.engine.ranks import Ranks, init_ranks
+from sail.engine.strategy import check_resumable, checkpoint_layout
 from sail.engine.worlds import World, make_world
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,26 @@ class Plan:
     eval_prompts: list[str]
 
 
+def check_iterations_fit(cfg: RunConfig, base: str) -> None:
+    """Refusals of settings an iterative run would only trip over hours in, made before any work:
+    pairs at another size than the generated latents, a self-ranking against the model itself."""
+    if cfg.method not in ("sail", "online_dpo") or cfg.sail.iterations < 1:
+        return
+    side = int(json.loads((Path(base) / "unet" / "config.json").read_text())["sample_size"])
+    native = side * vae_scale_factor(base)
+    if cfg.data.resolution is not None and cfg.data.resolution != native:
+        raise ConfigError(f"data.resolution: {cfg.data.resolution} px, but the model ({base}) generates at its "
+                          f"native {native} px, and iteration 1 trains seed and generated pairs together; "
+                          f"set data.resolution to {native} or remove it")
+    if cfg.method == "sail" and cfg.sail.rank_reference == "anchor":
+        raise ConfigError("sail.rank_reference: anchor (the iteration-0 model) is the very model ranked at "
+                          "iteration 1, so every reward would be 0 and every pair arbitrary; use base or previous")
+
+
 def make_plan(cfg: RunConfig, world: World, ranks: Ranks) -> tuple[RunConfig, Plan]:
     """The base model, and the world's data (``data.train`` becomes the world's files) and prompts."""
     base = base_model_dir(cfg, ranks)
+    ranks.agreed(lambda: check_iterations_fit(cfg, base))
     data = world.prepare(ranks, base)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=data.train,
                                                             select=data.select or cfg.data.select))
@@ -62,6 +82,9 @@ class Controller:
         self.cfg, self.plan = make_plan(cfg, self.world, self.ranks)
         self.layout = RunLayout.of(cfg)
         self.run_dir = self.layout.root
+        # what a resume is checked against: the settings as given (a world's derived paths,
+        # e.g. the toy world's data.train, follow from its own section)
+        self.settings = run_settings(cfg, self.ranks.world_size)
         # A world without scorers (real models, until learned scorers are wired in) does not run
         # its evaluate stages, nor record them as done: a resumed run evaluates once it can.
         self.evaluates = cfg.eval.enabled and self.world.evaluates
@@ -92,10 +115,20 @@ class Controller:
     def model(self, i: int) -> str:
         return self.plan.base_model if i < 0 else str(self.layout.model(i))
 
+    def order(self) -> list[tuple[int, str]]:
+        """Every (iteration, stage) of the run, in the order it runs them."""
+        out = [(-1, "evaluate")] + [(0, name) for name in ITERATION0]
+        if self.cfg.method in ("sail", "online_dpo"):
+            out += [(i, name) for i in range(1, self.cfg.sail.iterations + 1) for name in STAGES]
+        return out
+
     def run(self, stage: str | None = None, iteration: int | None = None) -> Path:
-        if stage is not None:
-            self._stage(iteration if iteration is not None else 0, stage, force=True)
-            return self.it_dir(iteration or 0)
+        forced = (iteration if iteration is not None else 0, stage) if stage is not None else None
+        self.ranks.agreed(lambda: self._check_resume(forced) if self.ranks.is_main else None)
+        if forced is not None:
+            self._invalidate_from(*forced)
+            self._stage(*forced, force=True)
+            return self.it_dir(forced[0])
         if self.evaluates and self.cfg.eval.evaluate_base:
             self._stage(-1, "evaluate")
         for name in ITERATION0:
@@ -122,9 +155,59 @@ class Controller:
             return
         t0 = time.perf_counter()
         log.info("iteration %d: %s", i, name)
-        outputs = STAGE_TABLE[name].run(self, i)
+        if self.ranks.is_main:      # a stage killed half-way resumes only with the same settings
+            Manifest(self.run_dir).start(i, name, stage_settings(self.settings, STAGE_TABLE[name], i))
+        # Every rank runs every stage (rank-0-only stages return at once on the others); a user
+        # error raised on any rank ends all of them together (Ranks.agreed), never in a hang.
+        outputs = self.ranks.agreed(lambda: STAGE_TABLE[name].run(self, i))
         if self.ranks.is_main:
-            Manifest(self.run_dir).record(i, name, [str(o) for o in outputs], time.perf_counter() - t0)
+            Manifest(self.run_dir).record(i, name, [str(o) for o in outputs], time.perf_counter() - t0,
+                                          settings=stage_settings(self.settings, STAGE_TABLE[name], i))
+        self.ranks.barrier()
+
+    # ---- what a resume may change --------------------------------------------------------------
+    def _check_resume(self, forced: tuple[int, str] | None) -> None:
+        """Refuse, before any work, a resume whose settings differ from those a finished stage ran
+        with, or whose training checkpoint was written by another world size or strategy. With
+        ``--stage``, only the stages before the forced one count: it and what follows are
+        recomputed."""
+        manifest, order = Manifest(self.run_dir), self.order()
+        # --stage: the stages before it that it reads (evaluations feed nothing)
+        before = order if forced not in order else [s for s in order[:order.index(forced)] if s[1] != "evaluate"]
+        here = checkpoint_layout(self.ranks.backend, self.ranks.world_size, self.cfg.distributed.zero_stage)
+        for i, name in before:
+            if name == "train" and manifest.get(i, name) is None:
+                check_resumable(self.layout.checkpoints(i), here)
+        changed = {}
+        for i, name in before:
+            record = manifest.get(i, name) or manifest.started(i, name)
+            if record is not None and "settings" in record:
+                now = stage_settings(self.settings, STAGE_TABLE[name], i)
+                keys = sorted(k for k in set(record["settings"]) | set(now)
+                              if record["settings"].get(k, "<unset>") != now.get(k, "<unset>"))
+                if keys:
+                    changed[(i, name)] = [(k, record["settings"].get(k, "<unset>"), now.get(k, "<unset>")) for k in keys]
+        if changed:
+            # the first stage whose result changes; an evaluation only when nothing else does
+            i, name = min(changed, key=lambda s: (s[1] == "evaluate", order.index(s)))
+            raise ConfigError(settings_changed_message(self.layout.config, i, name, changed[(i, name)]))
+
+    def _invalidate_from(self, i: int, name: str) -> None:
+        """Before ``--stage name --iteration i``: that stage's outputs, and (unless it is an
+        evaluation, which nothing reads) those of every stage after it, are deleted and their
+        manifest records dropped (rank 0; the others wait)."""
+        if self.ranks.is_main:
+            order = self.order()
+            start = order.index((i, name)) if (i, name) in order else None
+            doomed = [(i, name)] if start is None or name == "evaluate" else order[start:]
+            manifest = Manifest(self.run_dir)
+            for j, stage in doomed:
+                for path in STAGE_TABLE[stage].outputs(self.layout, j):
+                    _remove(path)
+            manifest.forget(doomed)
+            if len(doomed) > 1:
+                log.info("--stage %s --iteration %d: recomputing it and the %d stage(s) after it", name, i,
+                         len(doomed) - 1)
         self.ranks.barrier()
 
     # ---- the stages: each returns its outputs (recorded in the manifest) -----------------------
@@ -143,7 +226,7 @@ class Controller:
             return [out]
         ref = sail.rank_reference_model(self.cfg.sail.rank_reference, i)
         return [sail.rank_candidates(cands, self.model(i - 1), self.model(ref), self.cfg.sail, self.cfg.train.beta,
-                                     out, seed=self.cfg.seed, iteration=i, ranks=self.ranks)]
+                                     out, self.layout.rewards_chunks(i), seed=self.cfg.seed, iteration=i, ranks=self.ranks)]
 
     def pair(self, i: int) -> list:
         lay = self.layout
@@ -188,8 +271,8 @@ class Controller:
 
     def evaluate(self, i: int) -> list:
         out = self.layout.eval_dir(i)
+        self.world.evaluate(self.model(i), self.plan.eval_prompts, out, self.ranks)   # data-parallel
         if self.ranks.is_main:
-            self.world.evaluate(self.model(i), self.plan.eval_prompts, out)
             hooks.reached("evaluate")
         return [out]
 
@@ -197,28 +280,116 @@ class Controller:
 @dataclass(frozen=True)
 class Stage:
     """One named stage: the controller method that runs it, what it reads and what it writes
-    (paths of ``RunLayout``; ``i`` is the iteration)."""
+    (paths of ``RunLayout``; ``i`` is the iteration), and the config keys its result depends on
+    (dotted prefixes of ``config.json``; ``iteration_depends`` only at iterations i >= 1)."""
 
     name: str
     run: Callable[[Controller, int], list]
     reads: str
     writes: str
+    outputs: Callable[[RunLayout, int], list[Path]]
+    depends: tuple[str, ...]
+    iteration_depends: tuple[str, ...] = ()
 
+
+# What a world's data and prompt sets depend on: the world and its section, the data files.
+_DATA = ("world", "toy", "pickapic", "data.train", "data.select", "data.max_pairs", "data.max_bad_fraction",
+         "data.strict", "seed", "model.path", "model.arch", "sail.prompt_files", "eval.prompt_files")
 
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("encode", Controller.encode, "data.train (Pick-a-Pic parquet), the base model's VAE and text encoders",
-          "cache/seed/"),
-    Stage("generate", Controller.generate, "model i-1, prompt pool i", "iter_i/candidates/"),
+          "cache/seed/", lambda lay, i: [] if lay.seed_cache_dir else [lay.seed_cache],
+          (*_DATA, "data.resolution", "data.random_crop", "data.random_flip", "data.cache_dir", "data.decoder",
+           "data.encode_shard_pairs")),
+    Stage("generate", Controller.generate, "model i-1, prompt pool i", "iter_i/candidates/",
+          lambda lay, i: [lay.candidates(i)],
+          (*_DATA, "sail.candidates", "sail.sampling", "sail.precision", "sail.chunk_prompts")),
     Stage("rank", Controller.rank, "iter_i/candidates/, model i-1 and the ranking reference (or a scorer)",
-          "iter_i/rewards.parquet"),
+          "iter_i/rewards.parquet", lambda lay, i: [lay.rewards(i), lay.rewards_chunks(i)],
+          ("method", "seed", "train.beta", "sail.rank_draws", "sail.rank_t_range", "sail.rank_noise", "sail.rank_block",
+           "sail.rank_settle_z", "sail.rank_min_draws", "sail.rank_reference", "sail.precision", "sail.chunk_prompts",
+           "sail.external_scorer")),
     Stage("pair", Controller.pair, "iter_i/rewards.parquet, iter_i/candidates/",
-          "iter_i/pairs.parquet, iter_i/pairs_cache/ (+ diagnostics.json where the world has a ground truth)"),
-    Stage("mix", Controller.mix, "iter_i/pairs_cache/, cache/seed/", "iter_i/train_set.parquet"),
+          "iter_i/pairs.parquet, iter_i/pairs_cache/ (+ diagnostics.json where the world has a ground truth)",
+          lambda lay, i: [lay.pairs(i), lay.pairs_cache(i), lay.diagnostics(i)],
+          ("seed", "sail.pairing", "sail.pairs_per_prompt", "sail.min_pair_z")),
+    Stage("mix", Controller.mix, "iter_i/pairs_cache/, cache/seed/", "iter_i/train_set.parquet",
+          lambda lay, i: [lay.train_set(i)], ("seed", "sail.alpha")),
     Stage("train", Controller.train, "cache/seed/ (i = 0) or iter_i/train_set.parquet; model i-1; the DPO reference",
-          "iter_i/model/, iter_i/metrics.json"),
+          "iter_i/model/, iter_i/metrics.json",
+          lambda lay, i: [lay.model(i), lay.train_metrics(i), lay.checkpoints(i), lay.iteration(i) / "sspo"],
+          ("train.method", "seed", "model.lora", "model.gradient_checkpointing", "data.empty_prompt_prob", "train.beta",
+           "train.loss", "train.steps", "train.global_batch_pairs", "train.clip_grad_norm", "train.optimizer",
+           "train.scheduler", "train.precision", "sspo"),
+          ("sail.train_steps", "sail.lr", "sail.beta", "sail.loss", "sail.train_reference")),
     Stage("evaluate", Controller.evaluate, "model i (i = -1: the base model), the evaluation prompts",
-          "iter_i/eval/ or base_eval/"),
+          "iter_i/eval/ or base_eval/", lambda lay, i: [lay.eval_dir(i)],
+          ("eval.prompt_files", "eval.seeds_per_prompt", "eval.benchmarks", "eval.scorers", "eval.max_prompts",
+           "eval.sampling", "eval.seed", "eval.chunk_images", "toy.world")),
 )}
+
+# Keys no stage's result depends on: where and how the run works, not what it computes. With
+# the stages' keys they cover the whole config (tests/engine/test_controller.py checks it), so
+# a field added later must be classified here or in a stage before it can ship.
+FREE_KEYS = ("name", "run_dir", "model.attention", "data.encode_batch_size", "train.save_every",
+             "train.keep_checkpoints", "train.log_every", "train.micro_batch_pairs", "train.grad_accum",
+             "distributed.backend", "distributed.zero_stage", "distributed.offload_optimizer",
+             "distributed.global_batch_pairs", "distributed.deepspeed", "sail.iterations", "sail.rank_batch_size",
+             "eval.enabled", "eval.evaluate_base")
+
+
+def _covered(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """``config.json``'s leaves as {dotted key: value} (dicts of user data, e.g. eval.scorers,
+    stay whole below their key when empty)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "deepspeed":
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def run_settings(cfg: RunConfig, world_size: int) -> dict:
+    """The flat settings of a run on ``world_size`` ranks, as the stages' records keep them.
+    Training depends on the global batch, not on how it is factored (a resume on another world
+    size changes grad_accum), so the product is a setting of its own."""
+    settings = flat_settings(config_to_dict(cfg))
+    settings["train.global_batch_pairs"] = cfg.train.micro_batch_pairs * cfg.train.grad_accum * world_size
+    # a training stage is DPO for every method but SSPO, whose section only SSPO reads
+    settings["train.method"] = "sspo" if cfg.method == "sspo" else "dpo"
+    if cfg.method != "sspo":
+        settings = {k: v for k, v in settings.items() if not k.startswith("sspo.")}
+    return settings
+
+
+def stage_settings(settings: dict, stage: Stage, i: int) -> dict:
+    """The settings (flat) ``stage`` of iteration ``i`` depends on."""
+    keys = stage.depends + (stage.iteration_depends if i >= 1 else ())
+    # through JSON, as the manifest keeps them (tuples become lists)
+    return json.loads(json.dumps({k: v for k, v in settings.items() if _covered(k, keys)}))
+
+
+def settings_changed_message(config: Path, i: int, name: str, changes: list[tuple]) -> str:
+    """One line: the stage, the keys that changed (old -> new), and the two ways on."""
+    shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changes[:4])
+    if len(changes) > 4:
+        shown += f" and {len(changes) - 4} more"
+    after = "" if name == "evaluate" else " and every stage after it"
+    return (f"{config}: the {name} stage of iteration {i} finished with other settings: {shown}. Restore them to "
+            f"resume, or recompute from there: --stage {name} --iteration {i} (it discards that stage's "
+            f"outputs{after}).")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def iteration_train_config(cfg: RunConfig):

@@ -10,3 +10,14 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad user input; the message names the file and the key, row or field."""
+
+
+class AgreedInputError(InputError):
+    """Another rank's ``InputError``, raised here too so that every rank of the job ends
+    together (``Ranks.agreed``); rank 0 prints it, the other ranks exit with the same status
+    without repeating it."""
+
+    def __init__(self, message: str, rank: int = 0):
+        super().__init__(message)
+        self.rank = rank
+        """The rank that first raised it."""

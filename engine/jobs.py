@@ -80,7 +80,7 @@ def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: Trai
     log.info("training: %s, attention %s", describe_strategy(strategy), backend)
     t0 = time.perf_counter()
     result = train_dpo(cfg.train, strategy, comps.noise_scheduler, train_set, out_dir, seed=seed,
-                       empty_prompt_prob=cfg.data.empty_prompt_prob, tag=tag, sspo=sspo)
+                       empty_prompt_prob=cfg.data.empty_prompt_prob, tag=tag, sspo=sspo, model_dir=init_model)
     state = strategy.policy_state_dict()
     if strategy.is_main:
         if use_lora:   # adapters in the diffusers format, and the merged full UNet for later stages

@@ -6,7 +6,8 @@
     <run>/cache/seed/                     the pre-encoded seed pairs (unless data.cache_dir is set)
     <run>/base_eval/                      evaluation of the base model
     <run>/iter_000/model/, metrics.json   iteration 0: DPO on the seed pairs
-    <run>/iter_00i/candidates/            iteration i: generated latents (+ index, seeds)
+    <run>/iter_00i/candidates/            iteration i: generated latents by prompt chunk (+ index, seeds)
+    <run>/iter_00i/rewards_chunks/        self-ranking rewards by prompt chunk (merged below)
     <run>/iter_00i/rewards.parquet        self-ranking (or external) rewards
     <run>/iter_00i/pairs.parquet, pairs_cache/, diagnostics.json
     <run>/iter_00i/train_set.parquet      the mix of generated and seed pairs
@@ -69,6 +70,9 @@ class RunLayout:
     def rewards(self, i: int) -> Path:
         return self.iteration(i) / "rewards.parquet"
 
+    def rewards_chunks(self, i: int) -> Path:
+        return self.iteration(i) / "rewards_chunks"
+
     def pairs(self, i: int) -> Path:
         return self.iteration(i) / "pairs.parquet"
 
@@ -80,6 +84,10 @@ class RunLayout:
 
     def train_set(self, i: int) -> Path:
         return self.iteration(i) / "train_set.parquet"
+
+    def checkpoints(self, i: int) -> Path:
+        """The training stage's step checkpoints (removed once its model is saved)."""
+        return self.iteration(i) / "checkpoints"
 
     def train_metrics(self, i: int) -> Path:
         return self.iteration(i) / "metrics.json"

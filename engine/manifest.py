@@ -12,7 +12,9 @@ from sail.engine.io import read_json, write_json
 
 
 class Manifest:
-    """``runs/<name>/manifest.json``: {"stages": {"iter_000/train": {...}, ...}}."""
+    """``runs/<name>/manifest.json``: {"stages": {"iter_000/train": {...}, ...}, "started": {...}}:
+    finished stages (outputs, seconds, the settings they depended on) and the settings each
+    stage began with."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "manifest.json"
@@ -28,6 +30,22 @@ class Manifest:
     def record(self, iteration: int, stage: str, outputs: list[str], seconds: float, **info) -> None:
         self.data["stages"][self.key(iteration, stage)] = {
             "outputs": outputs, "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        write_json(self.path, self.data)
+
+    def start(self, iteration: int, stage: str, settings: dict) -> None:
+        """Note that a stage began with ``settings``: a resume of its half-done outputs must match."""
+        self.data.setdefault("started", {})[self.key(iteration, stage)] = {"settings": settings}
+        write_json(self.path, self.data)
+
+    def started(self, iteration: int, stage: str) -> dict | None:
+        """The start note of a stage that began (and may not have finished)."""
+        return self.data.get("started", {}).get(self.key(iteration, stage))
+
+    def forget(self, stages: list[tuple[int, str]]) -> None:
+        """Drop the records of ``stages`` [(iteration, stage)] (they will run again)."""
+        for i, name in stages:
+            self.data["stages"].pop(self.key(i, name), None)
+            self.data.get("started", {}).pop(self.key(i, name), None)
         write_json(self.path, self.data)
 
     def get(self, iteration: int, stage: str) -> dict | None:

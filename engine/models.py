@@ -269,6 +269,32 @@ def encode_prompts(text_encoders: list, tokenizers: list, prompts: list[str]) ->
     return Conditioning(torch.cat(states, dim=-1).float(), pooled.float())
 
 
+def force_zeros_for_empty_prompt(folder: str | os.PathLike | None) -> bool:
+    """Whether the SDXL pipeline of model folder ``folder`` zeroes its unconditional branch
+    when no negative prompt is given: the ``force_zeros_for_empty_prompt`` key of the folder's
+    model_index.json. Without the key, the file or a folder: True, the default of every
+    diffusers StableDiffusionXL*Pipeline (and the value SDXL base ships)."""
+    index = Path(folder) / "model_index.json" if folder is not None else None
+    if index is None or not index.is_file():
+        return True
+    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+
+
+def unconditional_conditioning(empty: Conditioning, folder: str | os.PathLike | None) -> Conditioning:
+    """The unconditional branch of classifier-free guidance when sampling (no negative prompt),
+    built as the model's diffusers pipeline builds it: the one place that decides it.
+
+    empty: the encoded ``""`` (hidden [1, L, D], pooled [1, P] or None), from ``encode_prompts``
+    or a pair cache's empty_prompt file. SD1.5 (no pooled embedding): ``""`` itself, as
+    StableDiffusionPipeline encodes it. SDXL: zeros of the same shapes for both the text states
+    and the pooled embedding when ``force_zeros_for_empty_prompt(folder)``, else ``""``.
+    Training's empty-prompt dropout is another matter and keeps the encoded ``""``.
+    """
+    if empty.pooled is None or not force_zeros_for_empty_prompt(folder):
+        return empty
+    return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+
+
 def sdxl_time_ids(original_hw: torch.Tensor, crop_tl: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tensor:
     """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``: [B, 6].
 

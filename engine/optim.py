@@ -3,18 +3,15 @@
 Optimizers (``train.optimizer.name``):
 
 - ``adamw``: torch AdamW locally; DeepSpeed's native AdamW section under DeepSpeed (fused on GPU,
-  torch's on CPU, DeepSpeedCPUAdam with optimizer offload).
-- ``adamw8bit``: bitsandbytes AdamW8bit (blockwise 8-bit moments), a client optimizer. Under
-  ZeRO 1-3 it steps the rank's flat fp32 partition, so every state is 8-bit. Refused with
-  optimizer offload: bitsandbytes keeps its states and kernels on the parameters' device and
-  DeepSpeed's offload expects a CPU optimizer (DeepSpeedCPUAdam).
-- ``adafactor``: transformers' Adafactor with the SDXL recipe (fixed lr: no relative step, no
-  parameter scaling, no first moment). Note: under ZeRO 1-3 (and bf16 at stage 0) DeepSpeed
-  hands it flat 1-D partitions, so the second moment is not factored (one fp32 value per
-  parameter instead of rows + columns); it still saves AdamW's first moment.
+  torch's on CPU, DeepSpeedCPUAdam with optimizer offload). The recipes' optimizer.
+- ``adamw8bit``: bitsandbytes AdamW8bit (blockwise 8-bit moments), a client optimizer.
+- ``adafactor``: transformers' Adafactor with the Diffusion-DPO SDXL settings (fixed lr: no
+  relative step, no parameter scaling, no first moment).
 
-Client optimizers need ``zero_allow_untested_optimizer``; Adafactor with optimizer offload needs
-``zero_force_ds_cpu_optimizer: false`` (it runs on the CPU, slowly). Both are derived here.
+Only an optimizer whose update is element-wise (``UPDATE_COUPLING``) may run under DeepSpeed
+ZeRO 1-3, which steps it on each rank's flat partition: the others are refused there
+(``check_update_exact``) and run locally or at ZeRO stage 0, where they see the parameters'
+own tensors. bitsandbytes is also refused with optimizer offload (``check_offload_compatible``).
 """
 from __future__ import annotations
 
@@ -25,6 +22,20 @@ import torch
 
 from sail.engine.config import DistributedConfig, OptimizerConfig, SchedulerConfig, TrainConfig
 from sail.engine.configtree import ConfigError
+from sail.engine.ranks import resolved_backend
+
+UPDATE_COUPLING: dict[str, str | None] = {
+    "adamw": None,
+    "adamw8bit": "bitsandbytes quantises its moments in blocks of 256 consecutive elements, one scale a block",
+    "adafactor": "it clips its update by the RMS of the whole tensor it steps and factors the second moment "
+                 "over the tensor's 2-D shape",
+}
+"""Every ``train.optimizer.name`` -> what couples the elements of its update, or None when the
+update is element-wise (each element's new value depends on that element's parameter,
+gradient and state alone). Only an element-wise update is the same on a flat partition of the
+parameters as on the parameters themselves, so only those optimizers run under ZeRO 1-3
+(``check_update_exact``); the test ``tests/engine/test_optim.py::
+test_only_elementwise_updates_survive_partitioning`` shows the difference on CPU."""
 
 
 def lr_factor(step: int, cfg: SchedulerConfig, total_steps: int) -> float:
@@ -118,13 +129,16 @@ def deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: in
             "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
             # torch's AdamW on CPU (no fused CUDA kernels to build); DeepSpeed's fused Adam on GPU.
             "torch_adam": on_cpu, "adam_w_mode": True}}
-    else:
-        # A client optimizer (bitsandbytes, transformers): DeepSpeed refuses it under ZeRO otherwise.
-        cfg["zero_allow_untested_optimizer"] = True
-        if dist.offload_optimizer:
-            cfg["zero_force_ds_cpu_optimizer"] = False
+    elif dist.offload_optimizer:
+        # A client optimizer (bitsandbytes, transformers) with an offload section: DeepSpeed
+        # refuses any optimizer but its CPU Adam there otherwise. No zero_allow_untested_optimizer:
+        # check_update_exact keeps client optimizers out of ZeRO 1-3, and DeepSpeed's own refusal
+        # of an untested optimizer under ZeRO stays as a second guard.
+        cfg["zero_force_ds_cpu_optimizer"] = False
     cfg = _merge(cfg, dist.deepspeed)
     check_offload_compatible(opt, cfg)
+    if resolved_backend(dist) == "deepspeed":    # run.preflight also derives this config for local runs
+        check_update_exact(opt, cfg)
     return cfg
 
 
@@ -142,7 +156,38 @@ def check_offload_compatible(opt: OptimizerConfig, ds_cfg: dict) -> None:
             "train.optimizer.name: adamw8bit (bitsandbytes) cannot be combined with optimizer offload "
             "(distributed.offload_optimizer or zero_optimization.offload_optimizer in distributed.deepspeed): "
             "bitsandbytes keeps its 8-bit states and kernels on the parameters' device, while ZeRO-Offload "
-            "steps the optimizer on the CPU. Use adamw8bit without offload, or adamw / adafactor with offload.")
+            "steps the optimizer on the CPU. Use adamw (with or without offload).")
+
+
+def check_update_exact(opt: OptimizerConfig, ds_cfg: dict) -> None:
+    """Refuse an optimizer whose update is not element-wise (``UPDATE_COUPLING``) wherever
+    DeepSpeed hands it flat partitions instead of the parameters: ZeRO stage >= 1, at any
+    precision and any world size (one rank included), read from the derived config so that the
+    ``distributed.deepspeed`` passthrough counts.
+
+    What DeepSpeed 0.19 steps (``runtime/engine.py::DeepSpeedEngine._do_optimizer_sanity_check``
+    picks the wrapper in ``_configure_optimizer``):
+    - stage 1-2: ``zero/stage_1_and_2.py::DeepSpeedZeroOptimizer`` sets each param group to
+      ``[single_partition_of_fp32_groups[i]]``, the rank's slice of the flattened group (bf16 with
+      fp32 gradient accumulation at stage 1: ``bf16_optimizer.py::BF16_Optimizer``, the same with
+      ``fp32_groups_flat_partition``);
+    - stage 3: ``zero/stage3.py::DeepSpeedZeroOptimizer_Stage3`` steps ``fp32_partitioned_groups_flat``;
+    - stage 0: fp32 steps the module's parameters; bf16 / fp16 go to ``_configure_fp16_optimizer``,
+      whose ``fp16/unfused_optimizer.py::FP16_UnfusedOptimizer`` (any optimizer but FusedAdam)
+      keeps one fp32 copy per parameter, shape kept. BF16_Optimizer at stage 0 only serves
+      pipeline parallelism, which this engine does not use (before DeepSpeed PR #7515, Aug 2025,
+      bf16 at stage 0 went there; setup.py requires deepspeed >= 0.19.3).
+    """
+    stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    coupling = UPDATE_COUPLING[opt.name]
+    if coupling is None or stage == 0:
+        return
+    raise ConfigError(
+        f"train.optimizer.name: {opt.name} cannot run under DeepSpeed ZeRO-{stage} (any precision): ZeRO steps the "
+        f"optimizer on each rank's flat fp32 partition of the parameters, and {opt.name}'s update is not "
+        f"element-wise ({coupling}), so it would change with where the partitions start, i.e. with the world "
+        f"size. Use adamw (element-wise, exact under any partition), or {opt.name} with "
+        f"distributed.zero_stage 0 or the local backend.")
 
 
 def reference_deepspeed_config(policy_cfg: dict) -> dict:

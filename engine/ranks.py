@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
 from sail.engine.config import DistributedConfig
 
 _RANKS: "Ranks | None" = None
+T = TypeVar("T")
 
 
 def launched_distributed() -> bool:
@@ -44,7 +46,10 @@ class Ranks:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # world_size 1 (``single_process()``, or one process in a group) never issues a
+        # collective: a "one process" object used on rank 0 of a group would otherwise pair
+        # its barrier with the other ranks' next collective and desynchronise them.
+        if self.world_size > 1:
             torch.distributed.barrier()
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,6 +66,39 @@ class Ranks:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def agreed(self, work: Callable[[], T]) -> T:
+        """``work()`` on every rank, then agreement: an ``InputError`` raised on any rank is
+        raised on every rank (the lowest failing rank's: its own exception there, an
+        ``AgreedInputError`` with its message elsewhere), marked ``agreed``, so the job ends as
+        one with one line, never with ranks waiting at a collective for a rank that left.
+        Every rank must call it at the same point; nested calls are fine (an agreed error
+        passes through an outer call without a collective)."""
+        from sail.engine.errors import AgreedInputError, InputError
+
+        error, result = None, None
+        try:
+            result = work()
+        except InputError as err:
+            if getattr(err, "agreed", False):
+                raise
+            error = err
+        messages = self.all_gather_object(None if error is None else str(error))
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if not failed:
+            return result
+        rank, message = failed[0]
+        raised = error if rank == self.rank else AgreedInputError(message, rank)
+        raised.agreed = True
+        raise raised
 
 
 def single_process() -> Ranks:

@@ -2,15 +2,20 @@
 
 Each stage reads the previous stage's files and writes its own, atomically:
 
-    iter_00i/candidates/cand_r000.safetensors   latents [n, C, h, w] + the rank's prompt embeddings
-    iter_00i/candidates/index.parquet           prompt, candidate, seed, shard, offset
+    iter_00i/candidates/prompts_000000-000064.safetensors   latents [n, C, h, w] of the chunk's
+                                                prompts + their embeddings, ids and seeds
+    iter_00i/candidates/index.parquet           prompt, candidate, seed, file, offset
+    iter_00i/rewards_chunks/prompts_000000-000064.parquet   the chunk's rewards
     iter_00i/rewards.parquet                    reward and the K per-draw values of every candidate
     iter_00i/pairs.parquet + pairs_cache/       chosen (winner, loser) per prompt, as a pair cache
     iter_00i/train_set.parquet                  rows of the seed cache and of pairs_cache
 
-Generation and ranking are data-parallel: rank r takes prompts r, r + W, ...; rank 0 merges
-the parts and checks that every (prompt, candidate) is there exactly once. Models are loaded
-whole from their saved folders, so sampling under ZeRO-3 never all-gathers per step.
+Generation and ranking are data-parallel over chunks of ``sail.chunk_prompts`` prompts, named
+by the prompts they cover, never by the rank that wrote them: rank 0 lists the chunks without
+a file and every rank takes every W-th of them, so a stage killed half-way resumes at its
+first missing chunk on any number of ranks. Rank 0 merges the chunks and checks that every
+(prompt, candidate) is there exactly once. Models are loaded whole from their saved folders, so
+sampling under ZeRO-3 never all-gathers per step.
 """
 from __future__ import annotations
 
@@ -42,8 +47,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidates:
-    """The candidates of an iteration: ``index`` rows (prompt_idx, prompt, cand, seed, shard,
-    offset) and the shards' tensors, loaded lazily."""
+    """The candidates of an iteration: ``index`` rows (prompt_idx, prompt, cand, seed, file,
+    offset) and the chunk files' tensors, loaded lazily."""
 
     folder: Path
 
@@ -51,19 +56,19 @@ class Candidates:
         self.index = pq.read_table(self.folder / "index.parquet").to_pydict()
         self.prompts = read_json(self.folder / "prompts.json")
         self.n = read_json(self.folder / "meta.json")["candidates"]
-        self._shards: dict[int, dict] = {}
+        self._shards: dict[str, dict] = {}
         self._rows: dict[int, list[int]] = {}     # prompt -> index rows, in candidate order
         for i, p in enumerate(self.index["prompt_idx"]):
             self._rows.setdefault(p, []).append(i)
         for rows in self._rows.values():
             rows.sort(key=lambda i: self.index["cand"][i])
 
-    def _shard(self, shard: int) -> dict:
-        if shard not in self._shards:
+    def _shard(self, name: str) -> dict:
+        if name not in self._shards:
             from safetensors.torch import load_file
 
-            self._shards[shard] = load_file(str(self.folder / f"cand_r{shard:03d}.safetensors"))
-        return self._shards[shard]
+            self._shards[name] = load_file(str(self.folder / name))
+        return self._shards[name]
 
     def seeds_of(self, p: int) -> list[int]:
         """The sampling seeds of prompt ``p``'s candidates, in candidate order."""
@@ -72,8 +77,7 @@ class Candidates:
     def of_prompt(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """latents [N, C, h, w], hidden [1, L, D], pooled [1, P] or None of prompt ``p``."""
         rows = self._rows[p]
-        shard = self.index["shard"][rows[0]]
-        data = self._shard(shard)
+        data = self._shard(self.index["file"][rows[0]])
         offs = [self.index["offset"][i] for i in rows]
         local = data["prompt_ids"].tolist().index(p)
         pooled = data["pooled"][local:local + 1] if "pooled" in data else None
@@ -115,76 +119,105 @@ def sample_prompts(comps, model_dir: str, prompts: list[str], seeds: list[int], 
                    progress: bool = False) -> tuple[torch.Tensor, "object"]:
     """``len(seeds) / len(prompts)`` samples of each prompt (seeds in prompt-major order) from
     loaded components on their device: (latents float32 [B, C, h, w], the prompts' Conditioning).
+    Guidance as the model folder's diffusers pipeline does it (``unconditional_conditioning``).
     SDXL samples at its native size without crop (the time ids say so)."""
-    from sail.engine.sampling import sample_latents, sampling_scheduler
+    from sail.engine.models import Conditioning, unconditional_conditioning
+    from sail.engine.sampling import sample_conditioned
 
     repeat = len(seeds) // len(prompts)
     cond = encode_prompts(comps.text_encoders, comps.tokenizers, prompts)
-    uncond = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
+    uncond = unconditional_conditioning(encode_prompts(comps.text_encoders, comps.tokenizers, [""]), model_dir)
+    rows = Conditioning(cond.hidden.repeat_interleave(repeat, 0),
+                        None if cond.pooled is None else cond.pooled.repeat_interleave(repeat, 0))
     side = int(comps.unet.config.sample_size)
-    added = added_u = None
-    if cond.pooled is not None:
-        tids = native_time_ids(side * vae_scale_factor(model_dir), 1)
-        added = {"text_embeds": cond.pooled.repeat_interleave(repeat, 0), "time_ids": tids.expand(len(seeds), 6)}
-        added_u = {"text_embeds": uncond.pooled, "time_ids": tids}
-    latents = sample_latents(comps.unet, sampling_scheduler(comps.noise_scheduler, sampling.sampler),
-                             cond.hidden.repeat_interleave(repeat, 0), uncond.hidden, seeds,
-                             num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
-                             latent_shape=(comps.unet.config.in_channels, side, side),
-                             batch_size=sampling.batch_size, added_cond=added, added_uncond=added_u, progress=progress)
+    time_ids = native_time_ids(side * vae_scale_factor(model_dir), 1) if cond.pooled is not None else None
+    latents = sample_conditioned(comps.unet, comps.noise_scheduler, rows, uncond, seeds, time_ids=time_ids,
+                                 latent_shape=(comps.unet.config.in_channels, side, side), sampling=sampling,
+                                 progress=progress)
     return latents, cond
+
+
+def prompt_chunks(n_prompts: int, size: int) -> list[range]:
+    """Prompts 0..n-1 cut into consecutive chunks of ``size`` (the last one shorter)."""
+    return [range(s, min(s + size, n_prompts)) for s in range(0, n_prompts, size)]
+
+
+def chunk_file(rows: range, suffix: str) -> str:
+    """The name of a chunk's file: the prompts it covers, ``prompts_000064-000128<suffix>``."""
+    return f"prompts_{rows.start:06d}-{rows.stop:06d}{suffix}"
+
+
+def pending_chunks(folder: Path, chunks: list[range], suffix: str, ranks: Ranks, stage: str) -> list[range]:
+    """This rank's share of the chunks that have no file yet. Rank 0 reads the folder and tells
+    the others (a rank listing it itself could see a chunk another rank has just written)."""
+    todo = None
+    if ranks.is_main:
+        todo = [c for c in chunks if not (folder / chunk_file(c, suffix)).is_file()]
+        if len(todo) < len(chunks):
+            log.info("%s: resuming, %d of %d chunks already done, %d to do on %d rank(s)", stage,
+                     len(chunks) - len(todo), len(chunks), len(todo), ranks.world_size)
+    todo = ranks.broadcast_object(todo)
+    return todo[ranks.rank::ranks.world_size]
 
 
 @torch.no_grad()
 def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out: Path, *, seed: int,
                         iteration: int, ranks: Ranks) -> Path:
-    """N candidates per prompt from ``model_dir``; each rank writes its own shard."""
+    """N candidates per prompt from ``model_dir``, written chunk by chunk (``sail.chunk_prompts``
+    prompts each); the seeds are a function of (run seed, iteration, prompt, candidate) only."""
     out.mkdir(parents=True, exist_ok=True)
-    device = ranks.device
-    shard_file = out / f"cand_r{ranks.rank:03d}.safetensors"
-    mine = list(range(ranks.rank, len(prompts), ranks.world_size))
-    if not shard_file.is_file() and mine:
+    mine = pending_chunks(out, prompt_chunks(len(prompts), cfg.chunk_prompts), ".safetensors", ranks, "generate")
+
+    def work() -> None:
+        if not mine:
+            return
+        device = ranks.device
         comps = load_components(model_dir, with_vae=False, dtype=inference_dtype(cfg, device))
         comps.unet.to(device).eval()
         for enc in comps.text_encoders:
             enc.to(device)
-        seeds = [run_seeds.candidate(seed, iteration, p, n) for p in mine for n in range(cfg.candidates)]
-        latents, cond = sample_prompts(comps, model_dir, [prompts[p] for p in mine], seeds, cfg.sampling,
-                                       progress=ranks.is_main)
-        tensors = {"latents": latents.float().cpu(), "hidden": cond.hidden.half().cpu(),
-                   "prompt_ids": torch.tensor(mine), "seeds": torch.tensor(seeds, dtype=torch.int64)}
-        if cond.pooled is not None:
-            tensors["pooled"] = cond.pooled.float().cpu()
-        hooks.reached("generate")
-        write_safetensors(shard_file, tensors)
-    ranks.barrier()
-    if ranks.is_main:
-        _merge_candidates(out, prompts, cfg.candidates, ranks.world_size)
-    ranks.barrier()
+        for k, rows in enumerate(tqdm(mine, desc="generate", unit="chunk", disable=not ranks.is_main)):
+            seeds = [run_seeds.candidate(seed, iteration, p, n) for p in rows for n in range(cfg.candidates)]
+            latents, cond = sample_prompts(comps, model_dir, [prompts[p] for p in rows], seeds, cfg.sampling)
+            tensors = {"latents": latents.float().cpu(), "hidden": cond.hidden.half().cpu(),
+                       "prompt_ids": torch.tensor(list(rows)), "seeds": torch.tensor(seeds, dtype=torch.int64)}
+            if cond.pooled is not None:
+                tensors["pooled"] = cond.pooled.float().cpu()
+            hooks.reached("generate", step=k)       # k chunks of this rank written, one more sampled
+            write_safetensors(out / chunk_file(rows, ".safetensors"), tensors)
+
+    ranks.agreed(work)
+    ranks.agreed(lambda: _merge_candidates(out, prompts, cfg.candidates) if ranks.is_main else None)
     return out
 
 
-def _merge_candidates(out: Path, prompts: list[str], n: int, world: int) -> None:
+def _check_coverage(folder: Path, got: list, expected: list, what: str) -> None:
+    """``got`` (sorted keys read from the chunk files) is ``expected`` exactly once each."""
+    if got == expected:
+        return
+    have = set(got)
+    missing = [k for k in expected if k not in have]
+    repeated = len(got) - len(have)
+    raise DataError(f"{folder}: the {what} chunks do not cover every prompt exactly once ({len(missing)} missing, "
+                    f"e.g. {missing[:1]}; {repeated} repeated): a foreign or partial file is there; delete the folder "
+                    "or re-run the stage with --stage")
+
+
+def _merge_candidates(out: Path, prompts: list[str], n: int) -> None:
     from safetensors import safe_open
 
-    cols = {k: [] for k in ("prompt_idx", "prompt", "cand", "seed", "shard", "offset")}
-    for shard in range(world):
-        path = out / f"cand_r{shard:03d}.safetensors"
-        if not path.is_file():
-            continue
+    cols = {k: [] for k in ("prompt_idx", "prompt", "cand", "seed", "file", "offset")}
+    for path in sorted(out.glob("prompts_*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             ids, seeds = f.get_tensor("prompt_ids").tolist(), f.get_tensor("seeds").tolist()
         for j, p in enumerate(ids):
             for c in range(n):
-                for key, value in zip(cols, (p, prompts[p], c, seeds[j * n + c], shard, j * n + c)):
+                for key, value in zip(cols, (p, prompts[p], c, seeds[j * n + c], path.name, j * n + c)):
                     cols[key].append(value)
-    got = sorted(zip(cols["prompt_idx"], cols["cand"]))
-    expected = [(p, c) for p in range(len(prompts)) for c in range(n)]
-    if got != expected:
-        raise RuntimeError(f"{out}: candidate shards are incomplete or overlap "
-                           f"({len(got)} candidates, {len(set(got))} distinct, {len(expected)} expected)")
+    _check_coverage(out, sorted(zip(cols["prompt_idx"], cols["cand"])),
+                    [(p, c) for p in range(len(prompts)) for c in range(n)], "candidate")
     write_json(out / "prompts.json", prompts)
-    write_json(out / "meta.json", {"candidates": n, "shards": world, "prompts": len(prompts)})
+    write_json(out / "meta.json", {"candidates": n, "prompts": len(prompts)})
     write_parquet(out / "index.parquet", cols)
 
 
@@ -303,39 +336,54 @@ def rank_reference_model(reference: str, iteration: int) -> int:
     return {"base": -1, "anchor": 0, "previous": iteration - 2}[reference]
 
 
-def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path, *,
-                    seed: int, iteration: int, ranks: Ranks) -> Path:
-    """Self-ranking: implicit reward of every candidate (current model vs ranking reference)."""
-    part = out.parent / f".rewards_r{ranks.rank:03d}.parquet"
-    mine = list(range(ranks.rank, len(cands.prompts), ranks.world_size))
-    if not part.is_file():
+def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConfig, beta: float, out: Path,
+                    parts: Path, *, seed: int, iteration: int, ranks: Ranks) -> Path:
+    """Self-ranking: implicit reward of every candidate (current model vs ranking reference),
+    chunk by chunk into the folder ``parts``, merged into ``out``."""
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = pending_chunks(parts, prompt_chunks(len(cands.prompts), cfg.chunk_prompts), ".parquet", ranks, "rank")
+
+    def work() -> None:
+        if not mine:
+            return
         dtype = inference_dtype(cfg, ranks.device)
         comps = load_components(cur_dir, with_text=False, with_vae=False, dtype=dtype)
         cur = comps.unet.to(ranks.device).eval()
         ref = load_unet(ref_dir, dtype).to(ranks.device).eval()
-        rows = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
-        for j, p in enumerate(tqdm(mine, desc="rank", disable=not ranks.is_main, mininterval=2)):
-            latents, hidden, pooled = cands.of_prompt(p)
-            reward, per_draw = reward_prompt(cur, ref, comps.noise_scheduler, latents, hidden, pooled,
-                                             draws=cfg.rank_draws, beta=beta, seed=run_seeds.ranking_draws(seed, iteration, p),
-                                             batch=cfg.rank_batch_size, vae_factor=vae_scale_factor(cur_dir),
-                                             t_range=cfg.rank_t_range, block=cfg.rank_block, settle_z=cfg.rank_settle_z,
-                                             min_draws=cfg.rank_min_draws, noise=cfg.rank_noise,
-                                             cand_seeds=cands.seeds_of(p))
-            rows["prompt_idx"] += [p] * len(reward)
-            rows["cand"] += list(range(len(reward)))
-            rows["reward"] += reward.tolist()
-            rows["draws"] += per_draw.tolist()
-            if j == len(mine) // 2:
-                hooks.reached("rank")
-        write_parquet(part, rows)
-    ranks.barrier()
-    if ranks.is_main:
-        tables = [pq.read_table(out.parent / f".rewards_r{r:03d}.parquet") for r in range(ranks.world_size)
-                  if (out.parent / f".rewards_r{r:03d}.parquet").is_file()]
-        write_parquet(out, pa.concat_tables(tables).sort_by([("prompt_idx", "ascending"), ("cand", "ascending")]))
-    ranks.barrier()
+        bar = tqdm(total=sum(len(rows) for rows in mine), desc="rank", disable=not ranks.is_main, mininterval=2)
+        for k, rows in enumerate(mine):
+            table = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
+            for p in rows:
+                latents, hidden, pooled = cands.of_prompt(p)
+                reward, per_draw = reward_prompt(
+                    cur, ref, comps.noise_scheduler, latents, hidden, pooled, draws=cfg.rank_draws, beta=beta,
+                    seed=run_seeds.ranking_draws(seed, iteration, p), batch=cfg.rank_batch_size,
+                    vae_factor=vae_scale_factor(cur_dir), t_range=cfg.rank_t_range, block=cfg.rank_block,
+                    settle_z=cfg.rank_settle_z, min_draws=cfg.rank_min_draws, noise=cfg.rank_noise,
+                    cand_seeds=cands.seeds_of(p))
+                table["prompt_idx"] += [p] * len(reward)
+                table["cand"] += list(range(len(reward)))
+                table["reward"] += reward.tolist()
+                table["draws"] += per_draw.tolist()
+                bar.update()
+            hooks.reached("rank", step=k)          # k chunks of this rank written, one more ranked
+            write_parquet(parts / chunk_file(rows, ".parquet"), table)
+        bar.close()
+
+    ranks.agreed(work)
+    ranks.agreed(lambda: _merge_rewards(parts, cands, out) if ranks.is_main else None)
     return out
+
+
+def _merge_rewards(parts: Path, cands: Candidates, out: Path) -> None:
+    expected = [(p, c) for p in range(len(cands.prompts)) for c in range(cands.n)]
+    tables = [pq.read_table(f) for f in sorted(parts.glob("prompts_*.parquet"))]
+    if not tables:
+        _check_coverage(parts, [], expected, "reward")
+    table = pa.concat_tables(tables).sort_by([("prompt_idx", "ascending"), ("cand", "ascending")])
+    _check_coverage(parts, list(zip(table.column("prompt_idx").to_pylist(), table.column("cand").to_pylist())),
+                    expected, "reward")
+    write_parquet(out, table)
 
 
 def score_candidates_external(cands: Candidates, scorer, out: Path) -> Path:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from sail.engine.config import SamplingConfig
+    from sail.engine.models import Conditioning
 
 
 def _expand_rows(t: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
@@ -88,8 +92,8 @@ def sample_latents(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | N
     unet: a UNet2DConditionModel (any dtype, any device). scheduler: a diffusers scheduler;
     it is copied, so the caller's (e.g. the training noise scheduler) is left untouched; pass
     ``DDIMScheduler.from_config(base.config)`` etc. to pick the sampler. cond: [B, L, D] text
-    states, row i for seeds[i]; uncond: [1, L, D] or [B, L, D] (the empty prompt); may be
-    None only when guidance_scale == 1. added_cond / added_uncond: SDXL ``text_embeds``
+    states, row i for seeds[i]; uncond: [1, L, D] or [B, L, D] (the unconditional branch); may
+    be None only when guidance_scale == 1. added_cond / added_uncond: SDXL ``text_embeds``
     [B or 1, P] and ``time_ids`` [B or 1, 6], passed as ``added_cond_kwargs``.
     Conditional and unconditional rows go through the UNet in one batch:
     ``eps = eps_u + guidance_scale * (eps_c - eps_u)``. Returns latents on the UNet's device.
@@ -125,6 +129,33 @@ def sample_latents(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor | N
         outputs.append(_sample_chunk(unet, scheduler, x, hidden, added, generators, guidance_scale, use_cfg, bar))
     bar.close()
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def sample_conditioned(unet, noise_scheduler, cond: "Conditioning", uncond: "Conditioning", seeds: Sequence[int], *,
+                       time_ids: torch.Tensor | None, latent_shape: Sequence[int], sampling: "SamplingConfig",
+                       progress: bool = False) -> torch.Tensor:
+    """The text-to-image sampler of generation, evaluation and SSPO: one sample per seed, float32
+    [B, *latent_shape] on the UNet's device.
+
+    It is the denoising loop of diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline
+    without a negative prompt: started from ``initial_noise(seeds)`` it gives the pipeline's
+    latents (tests/engine/test_sampling.py checks it on tiny models). cond: [B] rows, row i for
+    seeds[i]; uncond: the model's unconditional branch (``models.unconditional_conditioning``),
+    one row; time_ids: SDXL micro-conditioning [B or 1, 6], given to both branches as the
+    pipelines do when no negative size is set (None for SD1.5). sampling: sampler, steps,
+    guidance scale and batch size; the sampler is built from ``noise_scheduler``'s config.
+    """
+    added = added_u = None
+    if cond.pooled is not None:
+        if time_ids is None:
+            raise ValueError("time_ids: required with SDXL conditioning (cond has a pooled embedding)")
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        added_u = {"text_embeds": uncond.pooled, "time_ids": time_ids}
+    return sample_latents(unet, sampling_scheduler(noise_scheduler, sampling.sampler), cond.hidden, uncond.hidden,
+                          seeds, num_steps=sampling.steps, guidance_scale=sampling.guidance_scale,
+                          latent_shape=latent_shape, batch_size=sampling.batch_size, added_cond=added,
+                          added_uncond=added_u, progress=progress)
 
 
 def latents_to_uint8(x: torch.Tensor) -> np.ndarray:

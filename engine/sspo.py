@@ -38,7 +38,8 @@ from sail.engine import hooks, seeds
 from sail.engine.config import SSPOConfig
 from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_safetensors
-from sail.engine.sampling import sample_latents, sampling_scheduler
+from sail.engine.models import Conditioning, unconditional_conditioning
+from sail.engine.sampling import sample_conditioned
 
 log = logging.getLogger(__name__)
 _REF_FILE = re.compile(r"step_(\d+)_")
@@ -57,13 +58,20 @@ def replay_checkpoint(stage_seed: int, step: int, every: int, size: int) -> int:
 
 
 class ReplayPool:
-    """The pool, its cached reference samples, and the reference module's current weights."""
+    """The pool, its cached reference samples, and the reference module's current weights.
+
+    model_dir: the initial model's folder; its model_index.json says how the unconditional
+    branch of guidance is built (``models.unconditional_conditioning``). None: as the SDXL
+    pipelines do by default (zeros for SDXL; SD1.5 always encodes ``""``)."""
 
     def __init__(self, cfg: SSPOConfig, folder: Path, strategy, noise_scheduler, train_set: TrainSet, *,
-                 seed: int, total_steps: int, rows_of_step: Callable[[int], list[int]]):
+                 seed: int, total_steps: int, rows_of_step: Callable[[int], list[int]], model_dir: str | None = None):
         self.cfg, self.folder, self.strategy, self.train_set = cfg, Path(folder), strategy, train_set
         self.seed, self.total, self.rows_of_step = seed, total_steps, rows_of_step
-        self.sampler = sampling_scheduler(noise_scheduler, cfg.sampling.sampler)
+        self.noise_scheduler = noise_scheduler
+        # the pair cache holds the encoded "": the sampler's unconditional branch is derived from it
+        self.uncond = unconditional_conditioning(Conditioning(train_set.empty_hidden, train_set.empty_pooled),
+                                                 model_dir)
         self.samples: dict[tuple[int, int], torch.Tensor] = {}
         self._read: set[str] = set()
         self.loaded: int | None = None
@@ -139,7 +147,10 @@ class ReplayPool:
         self.strategy.barrier()
         self._read_cached()
         needed = sorted({(self.checkpoint(s), r) for s in range(step, end) for r in self.rows_of_step(s)})
-        missing = [x for x in needed if x not in self.samples]
+        # What is missing decides how many (ZeRO-3: collective) forwards each rank makes: rank 0
+        # decides from its listing and tells the others, who may see the folder differently.
+        missing = self.strategy.broadcast_object([x for x in needed if x not in self.samples]
+                                                 if self.strategy.is_main else None)
         t0 = time.perf_counter()
         for k in sorted({k for k, _ in missing}):
             self._sample(k, [r for kk, r in missing if kk == k])
@@ -165,15 +176,11 @@ class ReplayPool:
             chunk = mine[start:start + s.batch_size]
             batch = self.train_set.load(chunk)
             shape = shape or tuple(batch.latents_w.shape[1:])
-            added = added_u = None
-            if batch.pooled is not None:
-                added = {"text_embeds": batch.pooled, "time_ids": batch.time_ids_w}
-                added_u = {"text_embeds": self.train_set.empty_pooled, "time_ids": batch.time_ids_w}
-            out = sample_latents(self.strategy.reference, self.sampler, batch.hidden,
-                                 self.train_set.empty_hidden, [seeds.reference_sample(self.seed, k, r) for r in chunk],
-                                 num_steps=s.steps, guidance_scale=s.guidance_scale, latent_shape=shape,
-                                 batch_size=s.batch_size, added_cond=added, added_uncond=added_u,
-                                 progress=self.strategy.is_main)
+            out = sample_conditioned(self.strategy.reference, self.noise_scheduler,
+                                     Conditioning(batch.hidden, batch.pooled), self.uncond,
+                                     [seeds.reference_sample(self.seed, k, r) for r in chunk],
+                                     time_ids=batch.time_ids_w, latent_shape=shape, sampling=s,
+                                     progress=self.strategy.is_main)
             latents.append(out.float().cpu())
         if n_mine:
             write_safetensors(self.refs_dir / f"step_{k:06d}_from_{rows[0]}_n_{len(rows)}_rank_{rank}.safetensors",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sail.engine.configtree import ConfigError
 from sail.engine.config import DistributedConfig, TrainConfig
 from sail.engine.io import read_json, write_json, write_safetensors
 from sail.engine.optim import (build_lr_scheduler, build_optimizer, check_batch_arithmetic, deepspeed_config,
@@ -46,6 +47,32 @@ def latest_checkpoint(folder: str | os.PathLike) -> str | None:
     """The tag of the newest complete checkpoint in ``folder`` (both strategies), or None."""
     path = Path(folder) / LATEST
     return read_json(path)["tag"] if path.is_file() else None
+
+
+def checkpoint_layout(backend: str, world_size: int, zero_stage: int) -> dict:
+    """What a training checkpoint's files depend on besides the model: the strategy, the number
+    of ranks and, under DeepSpeed, the ZeRO stage (each rank saves its own partition)."""
+    if backend == "local":
+        return {"backend": "local", "world_size": 1}
+    return {"backend": "deepspeed", "world_size": world_size, "zero_stage": zero_stage}
+
+
+def check_resumable(folder: str | os.PathLike, layout: dict) -> None:
+    """Refuse (one line, before any work) to resume the checkpoint in ``folder`` with another
+    strategy, world size or ZeRO stage than the one that wrote it: its partitions would not
+    load, or would load into the wrong ranks."""
+    path = Path(folder) / LATEST
+    if not path.is_file():
+        return
+    saved = read_json(path)
+    was = {k: saved[k] for k in layout if k in saved}
+    if was and was != layout:
+        def say(d: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in d.items())
+
+        raise ConfigError(f"{folder}: this training stage was checkpointed at {saved['tag']} with {say(was)}; this "
+                          f"run has {say(layout)}. Resume it with the same settings ({say(was)}), or delete "
+                          f"{folder} to restart the stage from its first step.")
 
 
 class Strategy:
@@ -165,7 +192,7 @@ class LocalStrategy(Strategy):
         write_json(tmp / "client_state.json", dict(client_state, micro=self._micro))
         shutil.rmtree(tag, ignore_errors=True)
         os.replace(tmp, tag)
-        write_json(folder / LATEST, {"tag": tag.name})
+        write_json(folder / LATEST, {"tag": tag.name, **checkpoint_layout("local", 1, 0)})
         _prune_checkpoints(folder, self.train.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> dict | None:
@@ -281,7 +308,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder), tag=f"step_{step}", client_state=client_state)
         self.barrier()
         if self.is_main:
-            write_json(Path(folder) / LATEST, {"tag": f"step_{step}"})
+            write_json(Path(folder) / LATEST, {"tag": f"step_{step}", **checkpoint_layout(
+                "deepspeed", self.world_size, self.dist.zero_stage)})
             _prune_checkpoints(Path(folder), self.train.keep_checkpoints)
         self.barrier()
 

@@ -35,6 +35,8 @@ class StageResult:
     history: list = field(default_factory=list)
     sspo: dict | None = None
     """SSPO stages: the replay pool's summary (engine/sspo.py)."""
+    resumed_from: int = 0
+    """The step the stage's last run started from (0: from the start; k: a checkpoint of step k)."""
 
 
 class PairSchedule:
@@ -104,7 +106,8 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
 
 
 def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: TrainSet, run_dir: Path, *,
-              seed: int, empty_prompt_prob: float, tag: str = "dpo", sspo: SSPOConfig | None = None) -> StageResult:
+              seed: int, empty_prompt_prob: float, tag: str = "dpo", sspo: SSPOConfig | None = None,
+              model_dir: str | None = None) -> StageResult:
     """Train ``strategy.policy`` against ``strategy.reference`` for ``cfg.steps`` optimizer steps,
     resuming from ``run_dir/checkpoints`` when a checkpoint is there.
 
@@ -119,13 +122,16 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
                             empty_prompt_prob)
     client = strategy.load_checkpoint(ckpt_dir)
     start = client["step"] if client else 0
+    if start:
+        log.info("%s: resumed from the checkpoint of step %d of %d", tag, start, cfg.steps)
     history = list(client.get("history", [])) if client else []
     replay = None
     if sspo is not None:
         from sail.engine.sspo import ReplayPool
 
         replay = ReplayPool(sspo, run_dir / "sspo", strategy, noise_scheduler, train_set, seed=seed,
-                            total_steps=cfg.steps, rows_of_step=lambda s: schedule.pairs(s, range(global_batch)))
+                            total_steps=cfg.steps, rows_of_step=lambda s: schedule.pairs(s, range(global_batch)),
+                            model_dir=model_dir)
     writer = _tensorboard(run_dir, tag) if strategy.is_main else None
     sums = torch.zeros(8, device=strategy.device)   # loss, acc, margin, mw, ml, rw, rl, worse: synced at log steps
     count, t0 = 0, time.perf_counter()
@@ -172,7 +178,7 @@ def train_dpo(cfg: TrainConfig, strategy: Strategy, noise_scheduler, train_set: 
         writer.close()
     final = {k: v for k, v in history[-1].items()} if history else {}
     return StageResult(steps=cfg.steps, metrics=final, history=history,
-                       sspo=replay.summary() if replay is not None else None)
+                       sspo=replay.summary() if replay is not None else None, resumed_from=start)
 
 
 def _log_row(strategy: Strategy, means: torch.Tensor, step: int, pairs_per_s: float) -> dict:
@@ -195,4 +201,5 @@ def _tensorboard(run_dir: Path, tag: str):
 
 
 def write_stage_metrics(path: Path, result: StageResult, extra: dict) -> None:
-    write_json(path, {"steps": result.steps, "final": result.metrics, "history": result.history, **extra})
+    write_json(path, {"steps": result.steps, "resumed_from_step": result.resumed_from, "final": result.metrics,
+                      "history": result.history, **extra})

@@ -68,8 +68,10 @@ class World:
         """Build or read the data (every rank calls it; rank 0 builds what must be built)."""
         raise NotImplementedError
 
-    def evaluate(self, model_dir: str, prompts: list[str], out: Path) -> dict:
-        """Score ``model_dir`` on ``prompts``; writes ``out/metrics.json`` and a sample grid."""
+    def evaluate(self, model_dir: str, prompts: list[str], out: Path, ranks: "Ranks") -> dict | None:
+        """Score ``model_dir`` on ``prompts``, data-parallel over ``ranks`` (every rank calls it);
+        rank 0 writes ``out/metrics.json`` and a sample grid and returns the metrics, the other
+        ranks return None."""
         raise NotImplementedError(f"world {self.name!r} has no scorers to evaluate with")
 
     def diagnose(self, cands, rewards: dict, pairs: dict, out: Path) -> dict:
@@ -192,7 +194,7 @@ class PickapicWorld(World):
         check_prompt_sets(pools, eval_prompts, f"{folder / 'split.parquet'}")
         return WorldData(list(self.cfg.data.train), pools, eval_prompts, select=str(folder / "split.parquet"))
 
-    def evaluate(self, model_dir: str, prompts: list[str], out: Path) -> dict:
+    def evaluate(self, model_dir: str, prompts: list[str], out: Path, ranks: "Ranks") -> dict | None:
         """The learned scorers (``eval.scorers``) on the run's held-out prompts and on
         ``eval.benchmarks``, the first ``eval.max_prompts`` of each (engine/evaluation/harness.py:
         ``out/table.md``, ``scores.parquet``, grids); returns and writes ``out/metrics.json`` with
@@ -200,14 +202,15 @@ class PickapicWorld(World):
         from sail.engine.evaluation.harness import EvalModel, evaluate_models
         from sail.engine.evaluation.prompts import PromptSet
         from sail.engine.io import write_json
-        from sail.engine.ranks import single_process
 
         ev = self.cfg.eval
         benches = self._eval_benchmarks()
         if prompts:
             benches.insert(0, PromptSet("heldout", list(prompts), None, "the run's held-out prompts").head(ev.max_prompts))
-        table = evaluate_models([EvalModel("model", model_dir)], benches, ev, out, single_process(), list(ev.scorers),
+        table = evaluate_models([EvalModel("model", model_dir)], benches, ev, out, ranks, list(ev.scorers),
                                 progress=False)
+        if table is None:           # not rank 0: its chunks are written, rank 0 tabulates
+            return None
         metrics = {f"{b}/{s}/{k}": cells["model"][k] for b, by_s in table["benchmarks"].items()
                    for s, cells in by_s.items() for k in ("mean", "lo", "hi")}
         write_json(Path(out) / "metrics.json", {**metrics, "n_images": table["images"], "duration(s)": table["seconds"]})

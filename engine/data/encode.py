@@ -81,7 +81,7 @@ def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resol
 
 
 def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *, seed: int = 0,
-                    ranks: Ranks | None = None, shard_size: int = 256, progress: bool = True) -> Path:
+                    ranks: Ranks | None = None, shard_size: int | None = None, progress: bool = True) -> Path:
     """Encode ``cfg.train`` into ``cache_dir`` (no-op when already complete); returns the folder.
 
     Every rank validates all files first (cheap columns only), so bad data fails before any
@@ -94,22 +94,33 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
                                  select=cfg.select)
     log.info("preference data: %s", report.summary())
     resolution = cfg.resolution or default_resolution(comps)
+    shard_size = shard_size or cfg.encode_shard_pairs
     cache_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (len(refs) + shard_size - 1) // shard_size
-    mine = [s for s in range(num_shards) if s % ranks.world_size == ranks.rank and not shard_done(cache_dir, s)]
-    for shard in tqdm(mine, desc="pre-encode", disable=not progress or not ranks.is_main):
-        part = refs[shard * shard_size:(shard + 1) * shard_size]
-        batch, captions, sources, shard_report = _encode_shard(comps, part, cfg, resolution, seed, shard)
-        if cfg.strict and shard_report.undecodable:
-            raise DataError(f"data.train: undecodable image in pair {shard_report.undecodable_ids[0]} (data.strict)")
-        if batch is None:
-            raise DataError(f"data.train: shard {shard}: no decodable pair ({shard_report.summary()})")
-        write_shard(cache_dir, shard, batch, captions, sources,
-                    {"undecodable": shard_report.undecodable, "ids": shard_report.undecodable_ids})
-    if ranks.is_main:
-        empty = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
-        write_empty_prompt(cache_dir, empty.hidden.cpu(), None if empty.pooled is None else empty.pooled.cpu())
-    ranks.barrier()
+    # Rank 0 lists the shards still to encode (a rank listing the folder itself could see a
+    # shard another rank has just written); each rank takes every W-th.
+    todo = ranks.broadcast_object([s for s in range(num_shards) if not shard_done(cache_dir, s)]
+                                  if ranks.is_main else None)
+    mine = todo[ranks.rank::ranks.world_size]
+
+    def encode_mine() -> None:
+        for shard in tqdm(mine, desc="pre-encode", disable=not progress or not ranks.is_main):
+            part = refs[shard * shard_size:(shard + 1) * shard_size]
+            batch, captions, sources, shard_report = _encode_shard(comps, part, cfg, resolution, seed, shard)
+            if cfg.strict and shard_report.undecodable:
+                raise DataError(f"data.train: undecodable image in pair {shard_report.undecodable_ids[0]} "
+                                "(data.strict)")
+            if batch is None:
+                raise DataError(f"data.train: shard {shard}: no decodable pair ({shard_report.summary()})")
+            write_shard(cache_dir, shard, batch, captions, sources,
+                        {"undecodable": shard_report.undecodable, "ids": shard_report.undecodable_ids})
+        if ranks.is_main:
+            empty = encode_prompts(comps.text_encoders, comps.tokenizers, [""])
+            write_empty_prompt(cache_dir, empty.hidden.cpu(), None if empty.pooled is None else empty.pooled.cpu())
+
+    # A bad shard is seen by the rank that encodes it: the others hear of it here, not at a
+    # barrier that rank never reaches.
+    ranks.agreed(encode_mine)
     # Every rank tallies the shards' skipped pairs, so that all of them refuse too-bad data
     # together (one rank raising alone would leave the others waiting at the next barrier).
     for shard in range(num_shards):

@@ -94,11 +94,28 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, prompts: Sequence[str
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
+def sample_data_parallel(model, prompts: list[str], seeds: list[int], sampling, ranks) -> np.ndarray | None:
+    """``sample_images`` over the ranks: the images cut into the batches one process samples
+    (``sampling.batch_size``), batch b on rank b mod W, gathered on rank 0 in order (the same
+    batches, so the same images as one process); other ranks return None."""
+    size = sampling.batch_size
+    starts = list(range(0, len(seeds), size))
+    mine = {b: sample_images(model, prompts[s:s + size], seeds[s:s + size], sampling)
+            for b, s in enumerate(starts) if b % ranks.world_size == ranks.rank}
+    parts = ranks.all_gather_object(mine)
+    if not ranks.is_main:
+        return None
+    merged = {b: images for part in parts for b, images in part.items()}
+    return np.concatenate([merged[b] for b in range(len(starts))])
+
+
 def evaluate_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, prompts: Sequence[str],
                    settings: EvalSettings | None = None, scorers: dict[str, object] | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, ranks=None) -> dict | None:
     """Sample ``settings.seeds_per_prompt`` images per prompt from the model folder, score them,
-    write ``out_dir/metrics.json`` and ``out_dir/samples.png``; returns the metrics."""
+    write ``out_dir/metrics.json`` and ``out_dir/samples.png``; returns the metrics. With
+    ``ranks`` of several processes, every rank samples its share and rank 0 alone scores,
+    writes and returns the metrics (the others: None)."""
     start = time.time()
     settings = settings or EvalSettings()
     scorers = scorers if scorers is not None else {"oracle": world_scorer("oracle", DEFAULT_ORACLE)}
@@ -106,7 +123,12 @@ def evaluate_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
     k = settings.seeds_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [image_seed(settings.world_seed, EVAL_STREAM, i, j) for i in range(len(prompts)) for j in range(k)]
-    images = sample_images(model, all_prompts, seeds, settings.sampling, progress=progress)
+    if ranks is not None and ranks.world_size > 1:
+        images = sample_data_parallel(model, all_prompts, seeds, settings.sampling, ranks)
+        if images is None:
+            return None
+    else:
+        images = sample_images(model, all_prompts, seeds, settings.sampling, progress=progress)
     metrics = score_images(images, all_prompts, scorers)
     metrics.update({"model": str(model_dir), "sampler": settings.sampling.sampler, "settings": asdict(settings),
                     "duration(s)": round(time.time() - start, 1)})

@@ -62,14 +62,16 @@ class ToyWorld(World):
         check_prompt_sets(pools, eval_prompts, "toy.data_dir splits")
         return WorldData([str(paths.seed if s.preference_set == "seed" else paths.full)], pools, eval_prompts)
 
-    def evaluate(self, model_dir: str, prompts: list[str], out: Path) -> dict:
-        """Pixel metrics (fidelity, diversity) and the oracle on fixed seeds (engine/toy/evaluate.py)."""
+    def evaluate(self, model_dir: str, prompts: list[str], out: Path, ranks) -> dict | None:
+        """Pixel metrics (fidelity, diversity) and the oracle on fixed seeds (engine/toy/evaluate.py),
+        the images sampled data-parallel over ``ranks``."""
         from sail.engine.toy.evaluate import EvalSettings, evaluate_model
 
         settings = EvalSettings.from_world(self.settings.world)
         if self.cfg.eval.seeds_per_prompt:
             settings.seeds_per_prompt = self.cfg.eval.seeds_per_prompt
-        return evaluate_model(model_dir, out, prompts, settings, {"oracle": self.scorer("oracle")}, progress=False)
+        return evaluate_model(model_dir, out, prompts, settings, {"oracle": self.scorer("oracle")}, progress=False,
+                              ranks=ranks)
 
     def scorer(self, name: str):
         from sail.engine.toy.scorers import world_scorer

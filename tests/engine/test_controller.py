@@ -50,7 +50,10 @@ def _launch(cfg_path: Path, kill_at: str | None, extra=()):
 
 
 def test_sigkill_in_each_stage_then_resume_gives_the_same_model(tmp_path, toy_model):
-    reference = config_from_dict(mini_config(tmp_path / "a", toy_model))
+    """Killed in every stage (mid-stage where a stage has steps or chunks), each resume continues
+    where the last one stopped, not from the stage's start, and ends on the uninterrupted run's
+    pairs and weights."""
+    reference = config_from_dict(mini_config(tmp_path / "a", toy_model, chunk_prompts=1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # the same thread count as the resumed subprocesses below
     try:
@@ -62,15 +65,24 @@ def test_sigkill_in_each_stage_then_resume_gives_the_same_model(tmp_path, toy_mo
                             "iter_001/generate", "iter_001/rank", "iter_001/pair", "iter_001/mix",
                             "iter_001/train", "iter_001/evaluate"]
     cfg_path = tmp_path / "b.json"
-    data = mini_config(tmp_path / "b", toy_model)
+    data = mini_config(tmp_path / "b", toy_model, chunk_prompts=1)
     data["toy"]["data_dir"] = str(tmp_path / "a" / "toy_data")          # same data, built once
     cfg_path.write_text(json.dumps(data))
-    # each killed process resumes the previous one and dies at the next stage's kill point
-    for point in ("evaluate", "train", "generate", "rank", "pair", "mix"):
+    # each killed process resumes the previous one and dies at the next stage's kill point:
+    # train after its step-2 checkpoint, generate and rank with 2 and 1 of 4 chunks written
+    logs = {}
+    for point in ("evaluate", "train@2", "generate@2", "rank@1", "pair", "mix"):
         proc = _launch(cfg_path, point, extra=[sys.executable])
         assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.returncode}\n{proc.stderr[-3000:]}"
+        logs[point] = proc.stderr
     proc = _launch(cfg_path, None, extra=[sys.executable])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iter0: resumed from the checkpoint of step 2 of 3" in logs["generate@2"]
+    assert "generate: resuming, 2 of 4 chunks already done, 2 to do" in logs["rank@1"]
+    assert "rank: resuming, 1 of 4 chunks already done, 3 to do" in logs["pair"]
+    run_b = tmp_path / "b" / "run"
+    assert json.loads((run_b / "iter_000" / "metrics.json").read_text())["resumed_from_step"] == 2
+    assert json.loads((run_b / "iter_001" / "metrics.json").read_text())["resumed_from_step"] == 0
     run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     a, b = _weights(run_a, 1), _weights(run_b, 1)
     base = load_file(str(Path(toy_model) / "unet" / "diffusion_pytorch_model.safetensors"))

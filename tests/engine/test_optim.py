@@ -1,9 +1,12 @@
-"""Optimizers (adamw8bit, adafactor) locally and under DeepSpeed ZeRO 0-3 on 2 CPU ranks; the
-derived DeepSpeed settings; the refusal of bitsandbytes + optimizer offload.
+"""Optimizers locally and under DeepSpeed on 2 CPU ranks; the derived DeepSpeed settings; the
+refusals: an optimizer whose update is not element-wise under ZeRO 1-3 (and why: its update
+changes with the partition), bitsandbytes + optimizer offload.
 
 This file is also the 2-rank worker: ``deepspeed --num_gpus 2 tests/engine/test_optim.py
 --spec spec.json --out result.json`` trains tiny UNets on a fixed batch for each run of the
-spec (see ``zero_worker``) and rank 0 writes the losses and optimizer-state facts.
+spec (see ``zero_worker``) and rank 0 writes the losses and optimizer-state facts; and, with
+``--views`` instead of ``--spec``, the one-process probe of what DeepSpeed hands a client
+optimizer (``optimizer_views``).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ if str(REPO) not in sys.path:     # run as a script by the deepspeed launcher
 
 from sail.engine.config import DistributedConfig, LoRAConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from sail.engine.configtree import ConfigError  # noqa: E402
-from sail.engine.optim import deepspeed_config  # noqa: E402
+from sail.engine.optim import UPDATE_COUPLING, build_optimizer, deepspeed_config  # noqa: E402
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes not installed (pip install bitsandbytes)")
@@ -191,18 +194,67 @@ def assert_decreasing(losses: list[float], factor: float = 0.7) -> None:
 # Derived DeepSpeed settings and refusals (pure functions)
 # ------------------------------------------------------------------------------------------------
 
-def _ds(name: str, stage: int = 3, offload: bool = False, passthrough: dict | None = None) -> dict:
+def _ds(name: str, stage: int = 3, offload: bool = False, passthrough: dict | None = None,
+        precision: str = "bf16", backend: str = "deepspeed") -> dict:
     train = TrainConfig(optimizer=OptimizerConfig(name=name))
-    dist = DistributedConfig(zero_stage=stage, offload_optimizer=offload, deepspeed=passthrough or {})
-    return deepspeed_config(train, dist, world_size=2, precision="bf16", on_cpu=False)
+    dist = DistributedConfig(backend=backend, zero_stage=stage, offload_optimizer=offload, deepspeed=passthrough or {})
+    return deepspeed_config(train, dist, world_size=2, precision=precision, on_cpu=False)
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "adafactor"])
-def test_client_optimizers_are_allowed_under_zero(name):
-    cfg = _ds(name)
-    assert cfg["zero_allow_untested_optimizer"] is True
-    assert "optimizer" not in cfg                  # a client optimizer, not a DeepSpeed section
-    assert "zero_force_ds_cpu_optimizer" not in cfg
+def test_every_offered_optimizer_has_an_update_rule():
+    """The table covers exactly the names the config accepts; adamw alone is element-wise."""
+    import typing
+
+    offered = typing.get_args(typing.get_type_hints(OptimizerConfig)["name"])
+    assert set(UPDATE_COUPLING) == set(offered)
+    assert [name for name, coupling in UPDATE_COUPLING.items() if coupling is None] == ["adamw"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("name", ["adafactor", "adamw8bit"])
+def test_non_elementwise_optimizers_are_refused_under_zero(name, stage, precision):
+    with pytest.raises(ConfigError) as err:
+        _ds(name, stage=stage, precision=precision)
+    message = str(err.value)
+    assert message.startswith(f"train.optimizer.name: {name} cannot run under DeepSpeed ZeRO-{stage}"), message
+    assert "not element-wise" in message and "Use adamw" in message and "\n" not in message
+
+
+def test_a_passthrough_zero_stage_counts():
+    """The stage DeepSpeed will run, after the distributed.deepspeed passthrough is merged."""
+    with pytest.raises(ConfigError, match="adafactor cannot run under DeepSpeed ZeRO-2"):
+        _ds("adafactor", stage=0, passthrough={"zero_optimization": {"stage": 2}})
+    _ds("adafactor", stage=3, passthrough={"zero_optimization": {"stage": 0}})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
+def test_stage_0_keeps_every_optimizer(name, precision):
+    """At stage 0 DeepSpeed steps the parameters' own tensors at every precision (bf16 / fp16:
+    FP16_UnfusedOptimizer's per-parameter fp32 copies; ``test_deepspeed_flattens_from_zero_1``)."""
+    cfg = _ds(name, stage=0, precision=precision)
+    assert cfg["zero_optimization"]["stage"] == 0
+    assert ("optimizer" in cfg) == (name == "adamw")       # client optimizers: no DeepSpeed section
+    assert "zero_allow_untested_optimizer" not in cfg       # no client optimizer reaches ZeRO 1-3
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_adamw_passes_at_every_stage(stage):
+    cfg = _ds("adamw", stage=stage)
+    assert cfg["optimizer"]["type"] == "AdamW" and cfg["zero_optimization"]["stage"] == stage
+
+
+def test_the_refusal_follows_the_backend(monkeypatch):
+    """``backend: auto`` is DeepSpeed under a launcher (refused) and local without one (the
+    preflight derives the DeepSpeed config of a local run too: no refusal)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _ds("adafactor", backend="auto")
+    _ds("adafactor", backend="local")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="adafactor cannot run under DeepSpeed ZeRO-3"):
+        _ds("adafactor", backend="auto")
 
 
 def test_adamw_uses_the_native_deepspeed_section():
@@ -211,10 +263,81 @@ def test_adamw_uses_the_native_deepspeed_section():
     assert "zero_allow_untested_optimizer" not in cfg
 
 
-def test_adafactor_with_offload_allows_a_client_cpu_optimizer():
-    cfg = _ds("adafactor", offload=True)
+def test_a_client_optimizer_with_offload_may_use_a_client_cpu_optimizer():
+    cfg = _ds("adafactor", stage=0, offload=True)
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_shipped_sdxl_recipes_run_exactly_under_zero3():
+    """The SDXL recipes: AdamW (the Diffusion-DPO lr 1.28e-6 and weight decay kept), ZeRO-3 on
+    DeepSpeed; their DeepSpeed config derives on 8 ranks (128 = 1 x 16 x 8) without a refusal."""
+    from sail.engine.config import load_config
+
+    for name in ("sdxl_zero3.json", "sdxl_dpo.json"):
+        cfg = load_config(name)
+        opt = cfg.train.optimizer
+        assert (opt.name, opt.lr, opt.weight_decay, opt.betas, opt.eps) == ("adamw", 1.28e-6, 0.01, (0.9, 0.999), 1e-8)
+        assert (cfg.distributed.backend, cfg.distributed.zero_stage, cfg.train.precision) == ("deepspeed", 3, "bf16")
+        ds = deepspeed_config(cfg.train, cfg.distributed, world_size=8, precision="bf16", on_cpu=False)
+        assert ds["optimizer"]["type"] == "AdamW" and ds["train_batch_size"] == 128
+
+
+# ------------------------------------------------------------------------------------------------
+# Why: an update that is not element-wise changes with the partition (plain torch, CPU)
+# ------------------------------------------------------------------------------------------------
+
+SHAPES = [(96, 100), (50, 100)]
+"""Two weights of 9600 and 5000 elements: both over bitsandbytes' 4096-element threshold for
+8-bit states, and no boundary (9600, 14600 / 2, 14600 / 3) on a multiple of its 256-element blocks."""
+
+
+def _optimizer(name: str, params):
+    return build_optimizer(params, OptimizerConfig(name=name, lr=1e-2, weight_decay=0.0))
+
+
+def flat_update(name: str, pieces: int | None) -> torch.Tensor:
+    """The change of all parameters, flattened, after two steps of ``name``: on the parameters
+    themselves (``pieces`` None: one process, or ZeRO stage 0), or on ``pieces`` contiguous slices
+    of their concatenation, one optimizer each (what ZeRO 1-3 on ``pieces`` ranks steps; DeepSpeed
+    also pads, which moves the boundaries again). The second step's gradient is 10x larger on
+    the second weight, so the update's RMS differs along the flat vector."""
+    sizes = [math.prod(s) for s in SHAPES]
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(sum(sizes), generator=g)
+    grads = [torch.randn(sum(sizes), generator=g),
+             torch.randn(sum(sizes), generator=g) * torch.cat([torch.ones(sizes[0]), torch.full((sizes[1],), 10.0)])]
+    if pieces is None:
+        params = [t.reshape(s).clone().requires_grad_(True) for t, s in zip(start.split(sizes), SHAPES)]
+        optimizers = [_optimizer(name, params)]
+    else:
+        params = [t.clone().requires_grad_(True) for t in start.tensor_split(pieces)]
+        optimizers = [_optimizer(name, [p]) for p in params]
+    for grad in grads:
+        for p, part in zip(params, grad.split([p.numel() for p in params])):
+            p.grad = part.reshape(p.shape).clone()
+        for opt in optimizers:
+            opt.step()
+    return torch.cat([p.detach().flatten() for p in params]) - start
+
+
+@pytest.mark.parametrize("name", ["adamw", pytest.param("adamw8bit", marks=needs_bnb), "adafactor"])
+def test_only_elementwise_updates_survive_partitioning(name, one_thread):
+    """The claim behind the refusal, for every optimizer of ``UPDATE_COUPLING``: AdamW's update
+    is the same on the parameters and on 1, 2 or 3 flat partitions (to float rounding);
+    Adafactor's (the per-tensor RMS clip, the factored second moment) and AdamW8bit's (per-block
+    quantisation scales) differ from the one-process update and between 2 and 3 ranks."""
+    one_process = flat_update(name, None)
+    zero = {ranks: flat_update(name, ranks) for ranks in (1, 2, 3)}
+    scale = one_process.abs().max()
+    if UPDATE_COUPLING[name] is None:
+        for ranks, update in zero.items():
+            torch.testing.assert_close(update, one_process, rtol=1e-6, atol=1e-6 * scale, msg=f"{ranks} ranks")
+    else:
+        # measured: 2.9 % to 61 % of the largest update element; float rounding is ~1e-7 of it
+        for ranks, update in zero.items():
+            assert (update - one_process).abs().max() > 1e-3 * scale, f"{name}: ZeRO on {ranks} ranks"
+        assert (zero[2] - zero[3]).abs().max() > 1e-3 * scale, f"{name}: 2 vs 3 ranks"
 
 
 @pytest.mark.parametrize("how", ["flag", "passthrough"])
@@ -224,21 +347,28 @@ def test_bitsandbytes_with_offload_is_refused(how):
     with pytest.raises(ConfigError) as err:
         _ds("adamw8bit", **kwargs)
     assert "adamw8bit (bitsandbytes) cannot be combined with optimizer offload" in str(err.value)
-    _ds("adamw8bit", passthrough={"zero_optimization": {"offload_optimizer": {"device": "none"}}})  # no offload: fine
+    _ds("adamw8bit", stage=0, passthrough={"zero_optimization": {"offload_optimizer": {"device": "none"}}})  # fine
 
 
-def test_bitsandbytes_with_offload_fails_fast_at_the_entry_point(tmp_path):
-    """The whole launch path: the error names both settings, no model or data is touched."""
+@pytest.mark.parametrize("sets, expected", [
+    (["train.optimizer.name=adamw8bit", "distributed.offload_optimizer=true"],
+     "adamw8bit (bitsandbytes) cannot be combined with optimizer offload"),
+    (["train.optimizer.name=adafactor"], "train.optimizer.name: adafactor cannot run under DeepSpeed ZeRO-3"),
+])
+def test_a_refused_optimizer_fails_fast_at_the_entry_point(tmp_path, sets, expected):
+    """The whole launch path (tiny_sd15.json is ZeRO-3): one line, exit status 2, no model or
+    data touched."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    overrides = [arg for value in sets for arg in ("--set", value)]
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", "tiny_sd15.json", "--run-dir", str(tmp_path / "run"),
-         "--set", "train.optimizer.name=adamw8bit", "--set", "distributed.offload_optimizer=true",
-         "--set", "distributed.backend=deepspeed", "--set", 'data.train=["/nonexistent/*.parquet"]'],
+         *overrides, "--set", "distributed.backend=deepspeed", "--set", 'data.train=["/nonexistent/*.parquet"]'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "adamw8bit (bitsandbytes) cannot be combined with optimizer offload" in out, out[-3000:]
+    assert proc.returncode == 2, out[-3000:]
+    assert expected in out, out[-3000:]
     assert "matches no file" not in out          # refused before the data is read
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +384,25 @@ def _local(name: str, lr: float):
     strategy = LocalStrategy(train, DistributedConfig(backend="local"), cpu)
     strategy.prepare(tiny_unet(), tiny_unet(), train.steps, 1)
     return strategy
+
+
+@pytest.mark.parametrize("name", ["adamw", pytest.param("adamw8bit", marks=needs_bnb), "adafactor"])
+def test_the_local_strategy_keeps_every_optimizer(name):
+    """One process steps the parameters themselves: every optimizer, whatever zero_stage says
+    (it is a DeepSpeed setting); Adafactor factors the weight's second moment."""
+    from sail.engine.ranks import Ranks
+    from sail.engine.strategy import LocalStrategy
+
+    train = TrainConfig(steps=1, optimizer=OptimizerConfig(name=name))
+    dist = DistributedConfig(backend="local", zero_stage=3)
+    deepspeed_config(train, dist, world_size=1, precision="fp32", on_cpu=True)    # what run.preflight derives
+    strategy = LocalStrategy(train, dist, Ranks(0, 1, torch.device("cpu"), "local"))
+    strategy.prepare(torch.nn.Linear(64, 64), None, total_steps=1, num_pairs=1)
+    assert type(strategy.optimizer).__name__ == {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor"}[name]
+    strategy.policy(torch.randn(2, 64)).square().mean().backward()
+    strategy.optimizer.step()
+    if name == "adafactor":
+        assert "exp_avg_sq_row" in state_facts(strategy.optimizer)
 
 
 @pytest.mark.parametrize("name, lr", [pytest.param("adamw8bit", 3e-5, marks=needs_bnb), ("adafactor", 3e-5)])
@@ -297,54 +446,90 @@ def test_local_checkpoint_resumes_the_optimizer_exactly(tmp_path, name, one_thre
 
 @pytest.mark.slow
 @needs_launcher
-@needs_bnb
-def test_client_optimizers_under_zero3_on_two_ranks(tmp_path):
-    runs = [dict(optimizer=name, zero_stage=3, lr=3e-5, steps=5, beta=500.0) for name in ("adamw8bit", "adafactor")]
-    out = launch_zero_worker(tmp_path, runs)
+def test_adamw_under_zero3_on_two_ranks(tmp_path):
+    """The recipes' optimizer under ZeRO-3; closing the engine frees what ZeRO-3 allocated."""
+    out = launch_zero_worker(tmp_path, [dict(optimizer="adamw", zero_stage=3, lr=3e-5, steps=5, beta=500.0)])
     assert out["world_size"] == 2
-    by_name = {r["optimizer"]: r for r in out["results"]}
-    for name, res in by_name.items():
-        assert_decreasing(res["losses"])
-        assert res["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
-    assert by_name["adamw8bit"]["basic_optimizer"] == "AdamW8bit"
-    # every state of the rank's flat fp32 partition is 8-bit under ZeRO-3
-    assert by_name["adamw8bit"]["states"]["state1"]["dtypes"] == ["uint8"]
-    assert by_name["adamw8bit"]["states"]["state2"]["dtypes"] == ["uint8"]
-    for res in out["results"]:
-        # Closing the engine frees its buffers, partitions and optimizer state (measured: ~2 GB of
-        # ZeRO-3 buckets and flat partitions -> ~10 MB live tensor storage in the process). The
-        # Python parameter objects themselves stay reachable from DeepSpeed's internals (their
-        # data is released), so the check is on the bytes, not on the objects.
-        assert res["bytes_after_close"] < 0.05 * res["bytes_before_close"], res
-    assert by_name["adafactor"]["basic_optimizer"] == "Adafactor"
-    # ZeRO hands Adafactor 1-D partitions: an unfactored second moment, no first moment
-    assert by_name["adafactor"]["states"]["exp_avg_sq"]["max_dim"] == 1
-    assert "exp_avg_sq_row" not in by_name["adafactor"]["states"] and "exp_avg" not in by_name["adafactor"]["states"]
+    (res,) = out["results"]
+    assert_decreasing(res["losses"])
+    assert res["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
+    # Closing the engine frees its buffers, partitions and optimizer state (measured with the
+    # client optimizers: ~2 GB of ZeRO-3 buckets and flat partitions -> ~10 MB live tensor
+    # storage in the process). The Python parameter objects themselves stay reachable from
+    # DeepSpeed's internals (their data is released), so the check is on the bytes.
+    assert res["bytes_after_close"] < 0.05 * res["bytes_before_close"], res
 
 
 @pytest.mark.slow
 @needs_launcher
 @needs_bnb
-def test_client_optimizers_under_zero_0_1_2_on_two_ranks(tmp_path):
-    runs = [dict(optimizer=name, zero_stage=stage, lr=3e-5, steps=3, beta=500.0)
-            for name in ("adamw8bit", "adafactor") for stage in (0, 1, 2)]
+def test_client_optimizers_at_stage_0_on_two_ranks(tmp_path):
+    """Where adamw8bit and adafactor are allowed under DeepSpeed: stage 0, whose optimizer steps
+    the parameters themselves (Adafactor factors the second moment of the weights)."""
+    runs = [dict(optimizer=name, zero_stage=0, lr=3e-5, steps=3, beta=500.0) for name in ("adamw8bit", "adafactor")]
     out = launch_zero_worker(tmp_path, runs)
     for res in out["results"]:
         assert_decreasing(res["losses"], factor=0.9)
         expected = {"adamw8bit": "AdamW8bit", "adafactor": "Adafactor"}[res["optimizer"]]
         assert res["basic_optimizer"] == expected, res
+    adafactor = out["results"][1]["states"]
+    assert "exp_avg_sq_row" in adafactor and "exp_avg_sq_col" in adafactor and "exp_avg" not in adafactor
+
+
+def optimizer_views() -> list[dict]:
+    """What DeepSpeed hands a client optimizer (Adafactor) for each stage and precision, in this
+    process as a 1-rank group on the CPU: the shapes of the tensors it steps and the wrapper."""
+    import deepspeed
+    from transformers.optimization import Adafactor
+
+    views = []
+    for stage, precision in [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        params = list(model.parameters())
+        opt = Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False)
+        cfg = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+               "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt, config=cfg)
+        stepped = ([p for g in engine.basic_optimizer.param_groups for p in g["params"]] if stage < 3
+                   else engine.optimizer.fp32_partitioned_groups_flat)     # stage 3 fills its groups per step
+        views.append(dict(stage=stage, precision=precision, wrapper=type(engine.optimizer).__name__,
+                          shapes=[list(t.shape) for t in stepped]))
+        engine.destroy()
+    return views
+
+
+@pytest.mark.slow
+def test_deepspeed_flattens_from_zero_1(tmp_path):
+    """The DeepSpeed behaviour ``check_update_exact`` encodes: from stage 1 a client optimizer
+    steps one flat 1-D partition (even on one rank); at stage 0 it steps the parameters' own
+    shapes, bf16 included (FP16_UnfusedOptimizer's per-parameter fp32 copies)."""
+    out = tmp_path / "views.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RANK="0",
+               LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--views", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    shapes = [[16, 8], [16], [4, 16], [4]]
+    flat = [[sum(math.prod(s) for s in shapes)]]
+    for view in json.loads(out.read_text()):
+        assert view["shapes"] == (shapes if view["stage"] == 0 else flat), view
+        if view["stage"] == 0 and view["precision"] == "bf16":
+            assert view["wrapper"] == "FP16_UnfusedOptimizer", view
 
 
 def _main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--spec", help="runs of zero_worker (under the deepspeed launcher)")
+    what.add_argument("--views", action="store_true", help="optimizer_views (one process)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = zero_worker(json.loads(Path(args.spec).read_text()))
+    result = optimizer_views() if args.views else zero_worker(json.loads(Path(args.spec).read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).write_text(json.dumps(result))
 
