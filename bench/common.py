@@ -1,4 +1,4 @@
-"""Environment record and timing helpers shared by the benchmarks."""
+"""Environment record, timing helpers and the engine's ZeRO refusals, shared by the benchmarks."""
 from __future__ import annotations
 
 import os
@@ -55,6 +55,24 @@ def environment(device: torch.device) -> dict:
         "git_dirty_kernels": bool(dirty) if dirty is not None else None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def zero_refusal(optimizer: str, zero_stage: int) -> str | None:
+    """Why the engine refuses ``optimizer`` under DeepSpeed ZeRO ``zero_stage`` (its one-line
+    ConfigError), or None when it runs there. Asks ``engine/optim.py`` itself, on the DeepSpeed
+    config it derives, so the rule (``UPDATE_COUPLING``, ``check_update_exact``: no Adafactor or
+    AdamW8bit under ZeRO 1-3) has one home; that check holds at any precision and world size."""
+    from sail.engine.config import DistributedConfig, OptimizerConfig, TrainConfig
+    from sail.engine.configtree import ConfigError
+    from sail.engine.optim import deepspeed_config
+
+    train = TrainConfig(optimizer=OptimizerConfig(name=optimizer))
+    try:
+        deepspeed_config(train, DistributedConfig(backend="deepspeed", zero_stage=zero_stage), world_size=1,
+                         precision="bf16", on_cpu=False)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 class Timer:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sail.bench.common import zero_refusal
+
 GIB = 2 ** 30
 # Interconnects: bytes/s of bus bandwidth a ring collective reaches (stated assumptions).
 NVLINK = 360e9          # H100 SXM NVLink 4: 450 GB/s per direction, ~360 GB/s measured busbw (nccl-tests)
@@ -147,10 +149,13 @@ def trace(arch: str) -> Trace:
 # ----------------------------------------------------------------------------------------------
 
 # Optimizer bytes per trainable parameter, fp32 master weights included (mixed precision).
+# Adafactor and AdamW8bit run only locally or at ZeRO-0 (engine/optim.py refuses them under ZeRO
+# 1-3, see memory_table). Adafactor's 8 B is what ZeRO 1-3 gave it (flat 1-D partitions, v
+# unfactored); at ZeRO-0 it steps fp32 copies of the real shapes and factors v: 8 B is an upper bound.
 OPTIMIZER_BYTES = {
     "adamw": 4 + 4 + 4,                 # master + m + v (fp32)
     "adamw8bit": 4 + 1 + 1 + 8 / 256,   # master + two 8-bit moments + fp32 absmax per 256-block x2
-    "adafactor": 4 + 4,                 # master + unfactored v: DeepSpeed hands it flat 1-D partitions
+    "adafactor": 4 + 4,                 # master + unfactored v (upper bound: ZeRO-0 factors v, see above)
 }
 
 
@@ -158,7 +163,8 @@ def memory_per_gpu(tr: Trace, *, zero: int, optimizer: str, checkpointing: bool,
                    lora: bool = False, precision_bytes: int = 2) -> dict:
     """GiB per GPU by component, mixed precision (bf16 weights/grads, fp32 master + states).
     ZeRO-3 partitions policy and reference weights, gradients and states over ``world`` ranks;
-    ZeRO-2 gradients and states; ZeRO-1 states; ZeRO-0 nothing."""
+    ZeRO-2 gradients and states; ZeRO-1 states; ZeRO-0 nothing. Arithmetic only: whether the
+    engine runs ``optimizer`` at ``zero`` is not checked here (``memory_table`` marks refusals)."""
     psi = tr.params
     trainable = tr.lora_params if lora else psi
     n = max(world, 1)
@@ -216,6 +222,9 @@ def _fmt_gib(x: float) -> str:
 
 
 def memory_table(traces: dict) -> tuple[str, list]:
+    """The per-GPU memory table and its rows. Option sets that ``engine/optim.py`` refuses
+    (Adafactor and AdamW8bit under ZeRO 1-3) keep their arithmetic, marked ``(refused)`` in the
+    table and with the engine's reason in the row's ``refused`` (None for the others)."""
     lines = ["| arch | ZeRO | ranks | optimizer | ckpt | pairs | weights (pol+ref) | grads | opt states | activations | total GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -223,16 +232,23 @@ def memory_table(traces: dict) -> tuple[str, list]:
         pairs = 1
         for zero, world in ((0, 8), (2, 8), (3, 8), (3, 64)):
             for opt in ("adamw", "adamw8bit", "adafactor"):
+                refused = zero_refusal(opt, zero)
                 for ckpt in (False, True):
                     m = memory_per_gpu(tr, zero=zero, optimizer=opt, checkpointing=ckpt, pairs=pairs, world=world)
-                    rows.append({"arch": arch, "zero": zero, "world": world, "optimizer": opt, "ckpt": ckpt, **m})
-                    lines.append(f"| {arch} | {zero} | {world} | {opt} | {int(ckpt)} | {pairs} | "
+                    rows.append({"arch": arch, "zero": zero, "world": world, "optimizer": opt, "ckpt": ckpt,
+                                 "refused": refused, **m})
+                    name = f"{opt} (refused)" if refused else opt
+                    lines.append(f"| {arch} | {zero} | {world} | {name} | {int(ckpt)} | {pairs} | "
                                  f"{m['policy_weights'] + m['reference_weights']:.2f} | {m['grads']:.2f} | "
                                  f"{m['optimizer_states']:.2f} | {m['activations']:.2f} | {m['total']:.2f} |")
         m = memory_per_gpu(tr, zero=0, optimizer="adamw", checkpointing=False, pairs=pairs, world=8, lora=True)
-        rows.append({"arch": arch, "zero": 0, "world": 8, "optimizer": "adamw", "ckpt": False, "lora": 8, **m})
+        rows.append({"arch": arch, "zero": 0, "world": 8, "optimizer": "adamw", "ckpt": False, "lora": 8,
+                     "refused": None, **m})
         lines.append(f"| {arch} LoRA r8 | 0 | 8 | adamw | 0 | {pairs} | {m['policy_weights']:.2f} | "
                      f"{_fmt_gib(m['grads'])} | {_fmt_gib(m['optimizer_states'])} | {m['activations']:.2f} | {m['total']:.2f} |")
+    lines.append("\n(refused): engine/optim.py::check_update_exact refuses the optimizer at this ZeRO stage (its "
+                 "update is not element-wise, so on flat partitions it would change with the world size); the "
+                 "row is what it would take, kept as arithmetic; the engine's reason is in the JSON row's `refused`.")
     return "\n".join(lines), rows
 
 

@@ -3,7 +3,7 @@
     python -m sail.bench.train_step                         # CPU: tiny-sd15 and tiny-sdxl, reduced matrix
     python -m sail.bench.train_step --arch sd15 sdxl        # GPU: full architectures, random weights
     python -m sail.bench.train_step --arch sdxl --attention xformers sdpa --checkpointing 1 \
-        --optimizer adafactor adamw8bit --zero local 3 --pairs 1 2
+        --optimizer adafactor adamw8bit --zero local 0 --pairs 1 2
 
 One step = policy forward on [winners; losers], reference forward (no grad), the fused DPO loss,
 backward and the optimizer step: exactly ``engine.trainer.dpo_forward`` + the strategy verbs, on
@@ -13,6 +13,9 @@ Each option set runs in its own subprocess, so the peak memory of one does not h
 (on CPU ``ru_maxrss`` only grows). ``--zero local`` is the plain-torch strategy; ``--zero 0..3``
 is DeepSpeed in one process (world size 1: ZeRO partitions nothing there, so the stages differ in
 code path and overhead only; memory savings need more ranks, see bench/scaling.py).
+An option set that ``engine/optim.py`` refuses before any work (Adafactor and AdamW8bit under
+ZeRO 1-3: their update is not element-wise, ``check_update_exact``) is not run: its row holds
+``refused``, the engine's one-line reason, and no measurements.
 
 MFU = model FLOPs per step / step time / peak FLOP/s. Model FLOPs are counted once per
 (arch, pairs), in a subprocess on the benchmark's device, with
@@ -38,7 +41,7 @@ import time
 
 import torch
 
-from sail.bench.common import environment
+from sail.bench.common import environment, zero_refusal
 from sail.engine.forecast import peak_flops  # noqa: F401  (the one table of peak FLOP/s)
 
 CPU_ARCHS, GPU_ARCHS = ["tiny-sd15", "tiny-sdxl"], ["sd15", "sdxl"]
@@ -256,23 +259,9 @@ def main(argv=None) -> None:
     rows = []
     for i, opts in enumerate(default_matrix(on_gpu, args)):
         opts.update(steps=steps, warmup=warmup, precision=args.precision, threads=args.threads, port=29561 + i)
-        key = (opts["arch"], opts["pairs"])
-        for ckpt in {False, opts["checkpointing"]}:
-            if key + (ckpt,) not in flops_cache:
-                out = _subprocess(dict(opts, checkpointing=ckpt, count_flops=True)).stdout.strip().splitlines()
-                flops_cache[key + (ckpt,)] = json.loads(out[-1])["flops"] if out else float("nan")
-        proc = _subprocess(opts)
-        row = {"config": {k: v for k, v in opts.items() if k != "port"}, "env": env,
-               "model_flops_per_step": flops_cache[key + (False,)],
-               "hardware_flops_per_step": flops_cache[key + (opts["checkpointing"],)],
-               "peak_flops": peak, "peak_source": peak_source}
-        try:
-            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-            row["mfu"] = row["model_flops_per_step"] / row["step_s"] / peak
-            row["hfu"] = row["hardware_flops_per_step"] / row["step_s"] / peak
-            row["error"] = None
-        except (IndexError, json.JSONDecodeError):
-            row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        row = {"config": {k: v for k, v in opts.items() if k != "port"}, "env": env}
+        refused = None if opts["zero"] == "local" else zero_refusal(opts["optimizer"], int(opts["zero"]))
+        row.update({"refused": refused, "error": None} if refused else _measure(opts, peak, peak_source, flops_cache))
         rows.append(row)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -281,9 +270,32 @@ def main(argv=None) -> None:
                "rows": [{**{k: r["config"][k] for k in ("arch", "attention", "checkpointing", "optimizer", "zero",
                                                          "pairs")},
                          **{k: r.get(k) for k in ("pairs_per_s", "step_s", "mfu", "hfu", "peak_memory_gib",
-                                                  "peak_rss_gib", "step_peak_over_setup_gib", "error")}}
+                                                  "peak_rss_gib", "step_peak_over_setup_gib", "refused",
+                                                  "error")}}
                         for r in rows]}
     print(json.dumps(summary))
+
+
+def _measure(opts: dict, peak: float, peak_source: str, flops_cache: dict) -> dict:
+    """One option set's measurements: its FLOPs (counted once per arch, pairs and checkpointing,
+    cached in ``flops_cache``) and its timed run, each in a fresh subprocess."""
+    key = (opts["arch"], opts["pairs"])
+    for ckpt in {False, opts["checkpointing"]}:
+        if key + (ckpt,) not in flops_cache:
+            out = _subprocess(dict(opts, checkpointing=ckpt, count_flops=True)).stdout.strip().splitlines()
+            flops_cache[key + (ckpt,)] = json.loads(out[-1])["flops"] if out else float("nan")
+    proc = _subprocess(opts)
+    row = {"model_flops_per_step": flops_cache[key + (False,)],
+           "hardware_flops_per_step": flops_cache[key + (opts["checkpointing"],)],
+           "peak_flops": peak, "peak_source": peak_source, "refused": None}
+    try:
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row["mfu"] = row["model_flops_per_step"] / row["step_s"] / peak
+        row["hfu"] = row["hardware_flops_per_step"] / row["step_s"] / peak
+        row["error"] = None
+    except (IndexError, json.JSONDecodeError):
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+    return row
 
 
 def _subprocess(opts: dict) -> subprocess.CompletedProcess:
@@ -295,6 +307,8 @@ def _subprocess(opts: dict) -> subprocess.CompletedProcess:
 def _line(row: dict) -> str:
     c = row["config"]
     what = f"{c['arch']:9s} {c['attention']:8s} ckpt={int(c['checkpointing'])} {c['optimizer']:9s} zero={c['zero']:5s} P={c['pairs']}"
+    if row.get("refused"):
+        return f"{what}  REFUSED {row['refused'][:160]}"
     if row["error"]:
         return f"{what}  ERROR {row['error'].strip().splitlines()[-1][:160]}"
     mem = row.get("peak_memory_gib", row.get("peak_rss_gib"))

@@ -11,6 +11,7 @@ incomplete stage; ``--stage NAME --iteration I`` runs one stage alone (its input
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -84,7 +85,7 @@ class Controller:
         self.run_dir = self.layout.root
         # what a resume is checked against: the settings as given (a world's derived paths,
         # e.g. the toy world's data.train, follow from its own section)
-        self.settings = run_settings(cfg, self.ranks.world_size)
+        self.settings = {**run_settings(cfg, self.ranks.world_size), **prompt_digests(self.plan)}
         # A world without scorers (real models, until learned scorers are wired in) does not run
         # its evaluate stages, nor record them as done: a resumed run evaluates once it can.
         self.evaluates = cfg.eval.enabled and self.world.evaluates
@@ -126,6 +127,9 @@ class Controller:
         forced = (iteration if iteration is not None else 0, stage) if stage is not None else None
         self.ranks.agreed(lambda: self._check_resume(forced) if self.ranks.is_main else None)
         if forced is not None:
+            if forced[1] == "evaluate" and not self.evaluates:
+                raise ConfigError(f"--stage evaluate: this run evaluates nothing (eval.enabled is false, or world "
+                                  f"{self.cfg.world!r} has no scorer wired in yet)")
             self._invalidate_from(*forced)
             self._stage(*forced, force=True)
             return self.it_dir(forced[0])
@@ -144,9 +148,6 @@ class Controller:
 
     def _stage(self, i: int, name: str, force: bool = False) -> None:
         if name == "evaluate" and not self.evaluates:
-            if force:
-                raise ConfigError(f"--stage evaluate: this run evaluates nothing (eval.enabled is false, or world "
-                                  f"{self.cfg.world!r} has no scorer wired in yet)")
             return
         # Rank 0 decides and tells the others: a rank that read the manifest after rank 0 had
         # finished and recorded a fast stage would skip it, and its barriers, and desync.
@@ -182,9 +183,10 @@ class Controller:
         for i, name in before:
             record = manifest.get(i, name) or manifest.started(i, name)
             if record is not None and "settings" in record:
+                # the keys the record has (a record made before a key existed, or by a fork
+                # that cannot know the prompt sets, says nothing about it)
                 now = stage_settings(self.settings, STAGE_TABLE[name], i)
-                keys = sorted(k for k in set(record["settings"]) | set(now)
-                              if record["settings"].get(k, "<unset>") != now.get(k, "<unset>"))
+                keys = sorted(k for k in record["settings"] if record["settings"][k] != now.get(k, "<unset>"))
                 if keys:
                     changed[(i, name)] = [(k, record["settings"].get(k, "<unset>"), now.get(k, "<unset>")) for k in keys]
         if changed:
@@ -303,7 +305,8 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
            "data.encode_shard_pairs")),
     Stage("generate", Controller.generate, "model i-1, prompt pool i", "iter_i/candidates/",
           lambda lay, i: [lay.candidates(i)],
-          (*_DATA, "sail.candidates", "sail.sampling", "sail.precision", "sail.chunk_prompts")),
+          (*_DATA, "sail.candidates", "sail.sampling", "sail.precision", "sail.chunk_prompts"),
+          ("prompts.pool_{i}",)),
     Stage("rank", Controller.rank, "iter_i/candidates/, model i-1 and the ranking reference (or a scorer)",
           "iter_i/rewards.parquet", lambda lay, i: [lay.rewards(i), lay.rewards_chunks(i)],
           ("method", "seed", "train.beta", "sail.rank_draws", "sail.rank_t_range", "sail.rank_noise", "sail.rank_block",
@@ -320,12 +323,13 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           lambda lay, i: [lay.model(i), lay.train_metrics(i), lay.checkpoints(i), lay.iteration(i) / "sspo"],
           ("train.method", "seed", "model.lora", "model.gradient_checkpointing", "data.empty_prompt_prob", "train.beta",
            "train.loss", "train.steps", "train.global_batch_pairs", "train.clip_grad_norm", "train.optimizer",
-           "train.scheduler", "train.precision", "sspo"),
+           "train.scheduler", "train.precision", "distributed.deepspeed", "sspo"),
           ("sail.train_steps", "sail.lr", "sail.beta", "sail.loss", "sail.train_reference")),
     Stage("evaluate", Controller.evaluate, "model i (i = -1: the base model), the evaluation prompts",
           "iter_i/eval/ or base_eval/", lambda lay, i: [lay.eval_dir(i)],
           ("eval.prompt_files", "eval.seeds_per_prompt", "eval.benchmarks", "eval.scorers", "eval.max_prompts",
-           "eval.sampling", "eval.seed", "eval.chunk_images", "toy.world")),
+           "eval.sampling", "eval.seed", "eval.chunk_images", "toy.world", "prompts.eval", "model.path",
+           "model.arch")),
 )}
 
 # Keys no stage's result depends on: where and how the run works, not what it computes. With
@@ -334,7 +338,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
 FREE_KEYS = ("name", "run_dir", "model.attention", "data.encode_batch_size", "train.save_every",
              "train.keep_checkpoints", "train.log_every", "train.micro_batch_pairs", "train.grad_accum",
              "distributed.backend", "distributed.zero_stage", "distributed.offload_optimizer",
-             "distributed.global_batch_pairs", "distributed.deepspeed", "sail.iterations", "sail.rank_batch_size",
+             "distributed.global_batch_pairs", "sail.iterations", "sail.rank_batch_size",
              "eval.enabled", "eval.evaluate_base")
 
 
@@ -360,16 +364,31 @@ def run_settings(cfg: RunConfig, world_size: int) -> dict:
     size changes grad_accum), so the product is a setting of its own."""
     settings = flat_settings(config_to_dict(cfg))
     settings["train.global_batch_pairs"] = cfg.train.micro_batch_pairs * cfg.train.grad_accum * world_size
-    # a training stage is DPO for every method but SSPO, whose section only SSPO reads
+    # a training stage is DPO for every method but SSPO, whose section only SSPO reads (its
+    # sampler defaults to sail.sampling: the value it runs with is the one recorded)
     settings["train.method"] = "sspo" if cfg.method == "sspo" else "dpo"
-    if cfg.method != "sspo":
-        settings = {k: v for k, v in settings.items() if not k.startswith("sspo.")}
+    settings = {k: v for k, v in settings.items() if not k.startswith("sspo.")}
+    if cfg.method == "sspo":
+        sspo = dataclasses.replace(cfg.sspo, sampling=cfg.sspo.sampling or cfg.sail.sampling)
+        settings.update(flat_settings({"sspo": json.loads(json.dumps(dataclasses.asdict(sspo)))}))
     return settings
+
+
+def prompt_digests(plan: "Plan") -> dict:
+    """The prompt sets' contents as settings (``prompts.pool_<i>``, ``prompts.eval``): a prompt
+    file edited in place under the same path changes what a finished generate or evaluate
+    stage was made from."""
+    def digest(prompts: list[str]) -> str:
+        return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+    out = {f"prompts.pool_{i + 1}": digest(pool) for i, pool in enumerate(plan.pools)}
+    out["prompts.eval"] = digest(plan.eval_prompts)
+    return out
 
 
 def stage_settings(settings: dict, stage: Stage, i: int) -> dict:
     """The settings (flat) ``stage`` of iteration ``i`` depends on."""
-    keys = stage.depends + (stage.iteration_depends if i >= 1 else ())
+    keys = stage.depends + tuple(k.format(i=i) for k in (stage.iteration_depends if i >= 1 else ()))
     # through JSON, as the manifest keeps them (tuples become lists)
     return json.loads(json.dumps({k: v for k, v in settings.items() if _covered(k, keys)}))
 
@@ -403,4 +422,9 @@ def iteration_train_config(cfg: RunConfig):
 def run_controller(cfg: RunConfig, stage: str | None = None, iteration: int | None = None) -> Path:
     if stage is not None and stage not in STAGE_TABLE:
         raise ConfigError(f"--stage: unknown stage {stage!r}; stages: {', '.join(STAGE_TABLE)}")
-    return Controller(cfg).run(stage, iteration)
+    controller = Controller(cfg)
+    if stage is not None and (iteration if iteration is not None else 0, stage) not in controller.order():
+        runs = ", ".join(f"{n} {i}" for i, n in controller.order())
+        raise ConfigError(f"--stage {stage} --iteration {iteration}: this run has no such stage (its stages and "
+                          f"iterations: {runs})")
+    return controller.run(stage, iteration)

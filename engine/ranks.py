@@ -8,6 +8,7 @@ engine is created and closed per stage, the ranks are not.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -79,9 +80,10 @@ class Ranks:
         """``work()`` on every rank, then agreement: an ``InputError`` raised on any rank is
         raised on every rank (the lowest failing rank's: its own exception there, an
         ``AgreedInputError`` with its message elsewhere), marked ``agreed``, so the job ends as
-        one with one line, never with ranks waiting at a collective for a rank that left.
-        Every rank must call it at the same point; nested calls are fine (an agreed error
-        passes through an outer call without a collective)."""
+        one, never with ranks waiting at a collective for a rank that left. With several ranks,
+        rank 0 prints the one line (``reported``) and every rank waits until it has, so that no
+        rank's exit lets the launcher kill rank 0 before it speaks. Every rank must call it at
+        the same point; nested calls are fine (an agreed error passes an outer call as is)."""
         from sail.engine.errors import AgreedInputError, InputError
 
         error, result = None, None
@@ -98,6 +100,11 @@ class Ranks:
         rank, message = failed[0]
         raised = error if rank == self.rank else AgreedInputError(message, rank)
         raised.agreed = True
+        if self.world_size > 1:
+            if self.is_main:
+                print(f"Error: {message}", file=sys.stderr, flush=True)
+            raised.reported = True
+            self.barrier()
         raise raised
 
 
@@ -111,6 +118,12 @@ def init_ranks(dist: DistributedConfig) -> Ranks:
     DeepSpeed process group, joined on the first call and the same object afterwards."""
     global _RANKS
     if resolved_backend(dist) == "local":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from sail.engine.configtree import ConfigError
+
+            # N one-process runs would race on one run directory without a collective between them
+            raise ConfigError(f"distributed.backend: local is one process, but the launcher started "
+                              f"{os.environ['WORLD_SIZE']}; use deepspeed (or auto), or launch one process")
         return single_process()
     if _RANKS is None:
         _RANKS = _join_process_group()

@@ -314,7 +314,8 @@ class DeepSpeedStrategy(Strategy):
         self.barrier()
 
     def load_checkpoint(self, folder: Path) -> dict | None:
-        tag = latest_checkpoint(folder)
+        # rank 0 decides which checkpoint (if any) every rank loads: it sets the collectives
+        tag = self.broadcast_object(latest_checkpoint(folder) if self.is_main else None)
         if tag is None:
             return None
         path, client = self.engine.load_checkpoint(str(folder), tag=tag)

@@ -187,9 +187,8 @@ class PickapicWorld(World):
         from sail.engine.layout import RunLayout
 
         folder, stamp = RunLayout.of(self.cfg).root, self._stamp()
-        if ranks.is_main:
-            self._ensure_split(folder, stamp)
-        ranks.barrier()
+        # rank 0 makes the split; a refusal there (pool sizes too large...) ends every rank
+        ranks.agreed(lambda: self._ensure_split(folder, stamp) if ranks.is_main else None)
         _, pools, eval_prompts = read_split(folder, stamp)
         check_prompt_sets(pools, eval_prompts, f"{folder / 'split.parquet'}")
         return WorldData(list(self.cfg.data.train), pools, eval_prompts, select=str(folder / "split.parquet"))

@@ -62,8 +62,8 @@ def user_input_errors(*also: type[Exception]):
     try:
         yield
     except (InputError, *also) as err:
-        # Raised by every rank together (Ranks.agreed): rank 0 says it once, the others leave
-        # quietly with the same status (under a launcher each rank's line would be repeated).
-        if getattr(err, "agreed", False) and int(os.environ.get("RANK", "0")) != 0:
+        # Raised by every rank together and already said once by rank 0 (Ranks.agreed): the
+        # ranks leave quietly with the same status.
+        if getattr(err, "reported", False):
             sys.exit(UserInputError.exit_code)
         raise UserInputError(str(err)) from None

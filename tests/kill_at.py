@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sail.engine import hooks  # noqa: E402
 
-point, script, *args = sys.argv[1:]
+# the deepspeed launcher puts --local_rank=N first; it belongs to the entry point
+launcher = [a for a in sys.argv[1:] if a.startswith("--local_rank")]
+point, script, *args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+args = launcher + args
 name_, _, step_ = point.partition("@")
 
 

@@ -88,7 +88,7 @@ def encode_pickapic(cfg: DataConfig, comps: Components, cache_dir: str | Path, *
     image is decoded; then each rank encodes its shards; rank 0 writes the index and meta.
     """
     cache_dir, ranks = Path(cache_dir), ranks or single_process()
-    if is_complete(cache_dir):
+    if ranks.broadcast_object(is_complete(cache_dir) if ranks.is_main else None):     # rank 0 decides
         return cache_dir
     refs, report = scan_pickapic(cfg.train, cfg.max_pairs, max_bad_fraction=cfg.max_bad_fraction, strict=cfg.strict,
                                  select=cfg.select)

@@ -244,13 +244,13 @@ def evaluate_models(models: list[EvalModel], benches: list[PromptSet], cfg: Eval
         raise InputError(f"--model/--baseline: two models share a label ({[m.label for m in everyone]}); "
                          "give folders with different names")
     harness = Harness(cfg, out, ranks, scorers, toy_oracle=toy_oracle, progress=progress, loaded=loaded)
-    for model in everyone:
-        for bench in benches:
-            harness.run(model, bench)
-    ranks.barrier()
+    # A scorer that fails to load fails on the ranks that have chunks to score (it loads
+    # lazily): agreed, so that the ranks without any end with them instead of waiting.
+    ranks.agreed(lambda: [harness.run(model, bench) for model in everyone for bench in benches])
     if not ranks.is_main:
         return None
-    frames = {(m.label, b.name): read_rows(out / m.label / b.name) for m in everyone for b in benches}
+    frames = {(m.label, b.name): read_rows(out / m.label / b.name, len(b.prompts) * protocol(m, cfg)[1])
+              for m in everyone for b in benches}
     write_scores(out / "scores.parquet", frames)
     table = tabulate(frames, [m.label for m in everyone], benches, scorers, baseline.label if baseline else None)
     table["seconds"] = round(time.time() - start, 1)
@@ -265,15 +265,21 @@ def evaluate_models(models: list[EvalModel], benches: list[PromptSet], cfg: Eval
     return table
 
 
-def read_rows(folder: Path) -> dict[str, list]:
-    """All chunk rows of one (model, benchmark), in prompt order."""
+def read_rows(folder: Path, images: int | None = None) -> dict[str, list]:
+    """All chunk rows of one (model, benchmark), in prompt order; with ``images``, checked to
+    be every (prompt, image) exactly once (a foreign or stale chunk would skew the table)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted((folder / "chunks").glob("*.parquet"))
     if not files:
         raise RuntimeError(f"{folder}: no scored chunks")
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pydict()
+    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pydict()
+    keys = list(zip(rows["prompt_idx"], rows["image_idx"]))
+    if images is not None and (len(keys) != images or len(set(keys)) != images):
+        raise InputError(f"{folder}/chunks: {len(keys)} scored images ({len(set(keys))} distinct), {images} "
+                         "expected: chunks of another evaluation are there; delete the folder and evaluate again")
+    return rows
 
 
 def write_scores(path: Path, frames: dict) -> None:

@@ -53,9 +53,7 @@ class ToyWorld(World):
         from sail.engine.toy.data import ensure_toy_data, read_splits
 
         s = self.settings
-        if ranks.is_main:
-            ensure_toy_data(s.data_dir, s.world, base_model, progress=True)
-        ranks.barrier()
+        ranks.agreed(lambda: ensure_toy_data(s.data_dir, s.world, base_model, progress=True) if ranks.is_main else None)
         paths = ensure_toy_data(s.data_dir, s.world, base_model)
         splits = read_splits(paths.splits)
         pools, eval_prompts = splits.pools[:self.cfg.sail.iterations], splits.eval
