@@ -2,6 +2,7 @@
 training checkpoint; ``--stage`` recomputes from scratch; refusals made before any work."""
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -162,3 +163,41 @@ def test_one_process_ranks_issue_no_collective(monkeypatch):
 def test_flat_settings_keep_user_dicts_whole():
     tree = {"a": {"b": 1, "c": {"d": [1, 2]}}, "distributed": {"deepspeed": {"x": 1}}, "e": {}}
     assert flat_settings(tree) == {"a.b": 1, "a.c.d": [1, 2], "distributed.deepspeed": {"x": 1}, "e": {}}
+
+
+def _agree_on_three_ranks(rank: int, store: str, out: str) -> None:
+    import datetime
+
+    from sail.engine.errors import InputError
+    from sail.engine.ranks import Ranks
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3,
+                                         timeout=datetime.timedelta(seconds=30))
+    ranks = Ranks(rank, 3, torch.device("cpu"), "deepspeed")
+
+    def work():
+        if rank == 1:
+            raise DataError("data.train: shard 1: no decodable pair")
+        return rank * 10
+
+    seen = {"fine": ranks.agreed(lambda: rank)}
+    try:
+        ranks.agreed(lambda: ranks.agreed(work))          # nested: passes the outer call as is
+    except InputError as err:
+        seen.update(type=type(err).__name__, message=str(err), reported=getattr(err, "reported", False))
+    torch.distributed.destroy_process_group()
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+
+
+def test_an_input_error_on_one_rank_is_raised_on_every_rank(tmp_path, capfd):
+    """Three gloo processes: rank 1 alone raises; every rank raises the same message (rank 1
+    its own DataError), none waits for a collective that never comes, rank 0 prints it once."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_on_three_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(3)]
+    assert [s["fine"] for s in seen] == [0, 1, 2]
+    assert [s["type"] for s in seen] == ["AgreedInputError", "DataError", "AgreedInputError"]
+    assert {s["message"] for s in seen} == {"data.train: shard 1: no decodable pair"}
+    assert all(s["reported"] for s in seen)
+    assert capfd.readouterr().err.count("Error: data.train: shard 1: no decodable pair") == 1

@@ -59,6 +59,8 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
     for a, b in zip(hist["zero3"], hist["local"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["implicit_acc"] == b["implicit_acc"]
+        # a global gradient-scale error hides from AdamW's weights and the clipped update
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3, abs=1e-6)
     assert "deepspeed, zero 3" in json.loads((tmp_path / "zero3" / "iter_000" / "metrics.json").read_text())["strategy"]
     wa = load_file(str(tmp_path / "zero3" / "iter_000" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "local" / "iter_000" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -241,9 +241,10 @@ def test_a_bad_shard_on_one_rank_ends_every_rank_with_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def test_sdxl_recipe_on_two_ranks_equals_one_process(tmp_path):
-    """``sdxl_zero3.json`` as shipped (ZeRO-3, AdamW) on a generated shard and a tiny SDXL,
+    """``sdxl_zero3.json`` as shipped (ZeRO-3, AdamW) on a generated shard and a tiny SDXL, on
+    2 ranks killed once in generation and once in ranking, against one uninterrupted process;
     trained long enough (lr 1e-3, 4 steps) that the self-rewards stand well clear of the
-    rounding difference between 1 process and 2 ranks; evaluation with one scorer."""
+    rounding difference between the two; evaluation with one scorer."""
     from tests.engine.test_split import recipe_shard, tiny_sdxl_folder
 
     shard, model = recipe_shard(tmp_path), tiny_sdxl_folder(tmp_path / "tiny_sdxl")
@@ -257,16 +258,22 @@ def test_sdxl_recipe_on_two_ranks_equals_one_process(tmp_path):
               "eval.enabled=true", "eval.benchmarks={}", f"eval.scorers={json.dumps({'pickscore': scorer})}",
               'eval.sampling={"sampler": "ddim", "steps": 2, "guidance_scale": 5.0, "batch_size": 4}']
     runs = {}
-    for name, launcher in (("one", [sys.executable]), ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29631"])):
+    launches = (("one", [sys.executable], None), ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29631"],
+                                                 "generate@1"),
+                ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29632"], "rank@1"),
+                ("two", ["deepspeed", "--num_gpus", "2", "--master_port", "29633"], None))
+    for name, launcher, kill in launches:
         sets = [*common, f"run_dir={json.dumps(str(tmp_path / name))}"]
         if name == "one":
             sets += ['distributed.backend="local"', "train.grad_accum=4"]        # the same global batch
-        proc = subprocess.run([*launcher, "launch/train.py", "--config", "sdxl_zero3.json",
+        script = ["tests/kill_at.py", kill, "launch/train.py"] if kill else ["launch/train.py"]
+        proc = subprocess.run([*launcher, *script, "--config", "sdxl_zero3.json",
                                *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=_env(), capture_output=True,
                               text=True, timeout=900)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        assert (proc.returncode != 0) if kill else (proc.returncode == 0), (proc.stdout + proc.stderr)[-5000:]
         runs[name] = tmp_path / name
     one, two = runs["one"], runs["two"]
+    assert "rank: resuming, 2 of 4 chunks already done" in proc.stdout + proc.stderr    # 1 per rank before the kill
     from sail.engine.sail import Candidates
 
     ca, cb = Candidates(one / "iter_001" / "candidates"), Candidates(two / "iter_001" / "candidates")
