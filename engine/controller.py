@@ -296,7 +296,7 @@ class Stage:
 
 # What a world's data and prompt sets depend on: the world and its section, the data files.
 _DATA = ("world", "toy", "pickapic", "data.train", "data.select", "data.max_pairs", "data.max_bad_fraction",
-         "data.strict", "seed", "model.path", "model.arch", "sail.prompt_files", "eval.prompt_files")
+         "data.strict", "seed", "model.path", "model.arch")
 
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("encode", Controller.encode, "data.train (Pick-a-Pic parquet), the base model's VAE and text encoders",
@@ -327,7 +327,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           ("sail.train_steps", "sail.lr", "sail.beta", "sail.loss", "sail.train_reference")),
     Stage("evaluate", Controller.evaluate, "model i (i = -1: the base model), the evaluation prompts",
           "iter_i/eval/ or base_eval/", lambda lay, i: [lay.eval_dir(i)],
-          ("eval.prompt_files", "eval.seeds_per_prompt", "eval.benchmarks", "eval.scorers", "eval.max_prompts",
+          ("eval.seeds_per_prompt", "eval.benchmarks", "eval.scorers", "eval.max_prompts",
            "eval.sampling", "eval.seed", "eval.chunk_images", "toy.world", "prompts.eval", "model.path",
            "model.arch")),
 )}
@@ -339,6 +339,9 @@ FREE_KEYS = ("name", "run_dir", "model.attention", "data.encode_batch_size", "tr
              "train.keep_checkpoints", "train.log_every", "train.micro_batch_pairs", "train.grad_accum",
              "distributed.backend", "distributed.zero_stage", "distributed.offload_optimizer",
              "distributed.global_batch_pairs", "sail.iterations", "sail.rank_batch_size",
+             # the prompt sets count by their contents (prompts.pool_<i>, prompts.eval), so a run
+             # extended by one more prompt file resumes; the recipe's split checks its own inputs
+             "sail.prompt_files", "eval.prompt_files",
              "eval.enabled", "eval.evaluate_base")
 
 

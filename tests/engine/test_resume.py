@@ -201,3 +201,24 @@ def test_an_input_error_on_one_rank_is_raised_on_every_rank(tmp_path, capfd):
     assert {s["message"] for s in seen} == {"data.train: shard 1: no decodable pair"}
     assert all(s["reported"] for s in seen)
     assert capfd.readouterr().err.count("Error: data.train: shard 1: no decodable pair") == 1
+
+
+def test_prompt_sets_count_by_content_so_a_run_can_be_extended():
+    """One more prompt file (sail.iterations + 1) leaves every finished stage's settings as
+    they were; an edited pool changes only its own generate stage's."""
+    from sail.engine.controller import Plan, prompt_digests, stage_settings
+
+    cfg = load_config("sd15_sail.json", [])
+    short, longer = Plan("m", [["a", "b"], ["c"]], ["e"]), Plan("m", [["a", "b"], ["c"], ["d"]], ["e"])
+    edited = Plan("m", [["a", "b"], ["c2"]], ["e"])
+    settings = {}
+    for name, plan in (("short", short), ("longer", longer), ("edited", edited)):
+        settings[name] = {**run_settings(cfg, 1), **prompt_digests(plan)}
+    settings["longer"]["sail.prompt_files"] = ["p1", "p2", "p3"]
+    for i, stage in [(0, "encode"), (0, "train"), (1, "generate"), (2, "generate"), (2, "rank"), (2, "evaluate")]:
+        same = stage_settings(settings["short"], STAGE_TABLE[stage], i)
+        assert same == stage_settings(settings["longer"], STAGE_TABLE[stage], i), (i, stage)
+    changed = [(i, stage) for i, stage in [(1, "generate"), (2, "generate"), (2, "rank")]
+               if stage_settings(settings["short"], STAGE_TABLE[stage], i)
+               != stage_settings(settings["edited"], STAGE_TABLE[stage], i)]
+    assert changed == [(2, "generate")]
