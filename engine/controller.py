@@ -28,7 +28,7 @@ from sail.engine.diagnostics import write_report
 from sail.engine.io import write_json
 from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage
 from sail.engine.layout import RunLayout
-from sail.engine.models import vae_scale_factor
+from sail.engine.models import native_resolution, vae_scale_factor
 from sail.engine.manifest import Manifest
 from sail.engine.ranks import Ranks, init_ranks
 from sail.engine.strategy import check_resumable, checkpoint_layout
@@ -53,8 +53,7 @@ def check_iterations_fit(cfg: RunConfig, base: str) -> None:
     pairs at another size than the generated latents, a self-ranking against the model itself."""
     if cfg.method not in ("sail", "online_dpo") or cfg.sail.iterations < 1:
         return
-    side = int(json.loads((Path(base) / "unet" / "config.json").read_text())["sample_size"])
-    native = side * vae_scale_factor(base)
+    native = native_resolution(base)
     if cfg.data.resolution is not None and cfg.data.resolution != native:
         raise ConfigError(f"data.resolution: {cfg.data.resolution} px, but the model ({base}) generates at its "
                           f"native {native} px, and iteration 1 trains seed and generated pairs together; "
@@ -156,14 +155,15 @@ class Controller:
             return
         t0 = time.perf_counter()
         log.info("iteration %d: %s", i, name)
+        settings = stage_settings(self.settings, STAGE_TABLE[name], i)
         if self.ranks.is_main:      # a stage killed half-way resumes only with the same settings
-            Manifest(self.run_dir).start(i, name, stage_settings(self.settings, STAGE_TABLE[name], i))
+            Manifest(self.run_dir).start(i, name, settings)
         # Every rank runs every stage (rank-0-only stages return at once on the others); a user
         # error raised on any rank ends all of them together (Ranks.agreed), never in a hang.
         outputs = self.ranks.agreed(lambda: STAGE_TABLE[name].run(self, i))
         if self.ranks.is_main:
             Manifest(self.run_dir).record(i, name, [str(o) for o in outputs], time.perf_counter() - t0,
-                                          settings=stage_settings(self.settings, STAGE_TABLE[name], i))
+                                          settings=settings)
         self.ranks.barrier()
 
     # ---- what a resume may change --------------------------------------------------------------
@@ -185,10 +185,10 @@ class Controller:
             if record is not None and "settings" in record:
                 # the keys the record has (a record made before a key existed, or by a fork
                 # that cannot know the prompt sets, says nothing about it)
-                now = stage_settings(self.settings, STAGE_TABLE[name], i)
-                keys = sorted(k for k in record["settings"] if record["settings"][k] != now.get(k, "<unset>"))
-                if keys:
-                    changed[(i, name)] = [(k, record["settings"].get(k, "<unset>"), now.get(k, "<unset>")) for k in keys]
+                was, now = record["settings"], stage_settings(self.settings, STAGE_TABLE[name], i)
+                diffs = [(k, was[k], now.get(k, "<unset>")) for k in sorted(was) if was[k] != now.get(k, "<unset>")]
+                if diffs:
+                    changed[(i, name)] = diffs
         if changed:
             # the first stage whose result changes; an evaluation only when nothing else does
             i, name = min(changed, key=lambda s: (s[1] == "evaluate", order.index(s)))

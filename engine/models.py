@@ -64,6 +64,13 @@ def vae_scale_factor(folder: str | os.PathLike) -> int:
     return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
 
 
+def native_resolution(folder: str | os.PathLike) -> int:
+    """Pixels per side the model generates at (its UNet's sample_size x ``vae_scale_factor``),
+    read from the folder's config files without loading weights."""
+    side = json.loads((Path(folder) / "unet" / "config.json").read_text())["sample_size"]
+    return int(side) * vae_scale_factor(folder)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading from a local folder
 # --------------------------------------------------------------------------------------------
