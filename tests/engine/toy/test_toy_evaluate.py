@@ -84,3 +84,37 @@ def test_shipped_base_model_follows_prompts(tmp_path):
     # steps, docs/toy_world.md); 10 steps and 24 images here. Chance level is ~1/768.
     assert m["fidelity/all"] >= 0.85
     assert m["oracle/std"] > 0.03  # the base model varies on what the oracle rewards
+
+
+def _evaluate_on_rank(rank: int, store: str, model_dir: str, out: str, prompts: list, settings) -> None:
+    import datetime
+
+    import torch
+
+    from sail.engine.ranks import Ranks
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3,
+                                         timeout=datetime.timedelta(seconds=60))
+    result = evaluate_model(model_dir, out, prompts, settings, ranks=Ranks(rank, 3, torch.device("cpu"), "deepspeed"))
+    torch.distributed.destroy_process_group()
+    Path(out, f"returned_{rank}.json").write_text(json.dumps(result is not None))
+
+
+def test_evaluation_on_three_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    """Each rank samples the batches one process would (5 batches over 3 ranks: uneven shares),
+    rank 0 alone scores and writes: the same metrics as one process."""
+    import torch.multiprocessing as mp
+
+    prompts = eval_prompts(ToyWorldConfig())[:5]
+    settings = EvalSettings(seeds_per_prompt=2, sampling=SamplingConfig(steps=2, guidance_scale=1.5, batch_size=2),
+                            grid_prompts=2)
+    one = evaluate_model(tiny_model_dir, tmp_path / "one", prompts, settings)
+    (tmp_path / "three").mkdir()
+    mp.spawn(_evaluate_on_rank, args=(str(tmp_path / "store"), str(tiny_model_dir), str(tmp_path / "three"), prompts,
+                                      settings), nprocs=3, join=True)
+    assert [json.loads((tmp_path / "three" / f"returned_{r}.json").read_text()) for r in range(3)] == [True, False, False]
+    three = json.loads((tmp_path / "three" / "metrics.json").read_text())
+    assert three["n_images"] == 10
+    for key in ("oracle/mean", "fidelity/all", "diversity/pairwise_rms"):
+        assert three[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9)
