@@ -11,8 +11,10 @@ or random square crop whose offsets are returned for the SDXL time ids. DALI onl
 plan, so the two paths agree exactly in geometry and differ only in the resampling filter
 (PIL bicubic vs DALI cubic with antialiasing) and, for JPEG, the decoder's IDCT.
 
-Sharding: the pre-encoding pass hands each global rank its own shards of the pair list
-(``encode_pickapic``); on CUDA the pipeline runs on the rank's local GPU (``LOCAL_RANK``).
+Sharding and devices: the pre-encoding pass hands each global rank its own shards of the pair
+list (``encode_pickapic``) and names the device its VAE runs on. On a GPU the pipeline runs on
+that GPU and the pixels stay there: DALI's output is copied device-to-device into a torch tensor
+that the VAE encodes where it lies. On the CPU, DALI decodes on host threads into a host tensor.
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ class ImagePlan:
 
 
 def plan_image(size: tuple[int, int], resolution: int, rng: np.random.Generator | None) -> ImagePlan:
-    """The arithmetic of ``images.resize_crop``: shorter side to ``resolution``, square crop
-    (random when ``rng`` is given, else centred)."""
+    """The arithmetic of ``images.resize_shorter`` and ``images.crop_square``: shorter side to
+    ``resolution``, square crop (random when ``rng`` is given, else centred)."""
     h, w = size
     scale = resolution / min(h, w)
     nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
@@ -112,24 +114,38 @@ def _build_pipeline(batch_size: int, resolution: int, device_id: int | None, num
     return pipe
 
 
+def _torch_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index made explicit for CUDA (a bare "cuda": the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"DALI decodes on the CPU or a CUDA device, not {device}")
+    return device
+
+
 class DaliPairDecoder:
     """Decodes batches of up to ``max_batch_pairs`` pairs with one DALI pipeline.
 
-    ``device``: "cpu" (``device_id=None``) or "cuda" (mixed decoding on ``LOCAL_RANK``'s GPU).
+    ``device``: where the pixels are wanted. "cpu": DALI's CPU decoder (``device_id=None``),
+    pixels in host memory; "cuda:<i>": mixed (nvJPEG) decoding on GPU i, pixels left on GPU i.
     """
 
-    def __init__(self, resolution: int, device: str = "cpu", num_threads: int = 2, max_batch_pairs: int = 16):
+    def __init__(self, resolution: int, device: torch.device | str = "cpu", num_threads: int = 2,
+                 max_batch_pairs: int = 16):
         if not dali_available():
             raise ImportError("data.decoder = 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
                               "(or nvidia-dali-cuda130); it also runs on CPU")
         self.resolution = resolution
-        self.device_id = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else None
+        self.device = _torch_device(device)
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self.max_batch_pairs = max_batch_pairs
         # batch_size is DALI's maximum: smaller batches are fed as they come (variable batch size)
         self._pipe = _build_pipeline(2 * max_batch_pairs, resolution, self.device_id, num_threads)
 
     def decode(self, pairs: list[tuple[bytes, bytes]], plans: list[tuple[ImagePlan, ImagePlan, bool]]) -> torch.Tensor:
-        """Pixels [n, 2, 3, R, R] in [-1, 1] (winner, loser) following ``plans``."""
+        """Pixels [n, 2, 3, R, R] fp32 in [-1, 1] (winner, loser) following ``plans``, on
+        ``self.device``."""
         out = []
         for start in range(0, len(pairs), self.max_batch_pairs):
             chunk = pairs[start:start + self.max_batch_pairs]
@@ -147,49 +163,53 @@ class DaliPairDecoder:
                 mirror.append(np.asarray(int(flip), dtype=np.int32))
         for name, data in (("encoded", encoded), ("resized", resized), ("crop", crop), ("mirror", mirror)):
             self._pipe.feed_input(name, data)
-        (images,) = self._pipe.run()
-        if self.device_id is not None:
-            images = images.as_cpu()
-        return torch.from_numpy(np.array(images.as_tensor()))       # [2n, 3, R, R] float32
+        (images,) = self._pipe.run()       # TensorListGPU on GPU self.device_id, TensorListCPU on the CPU
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty((len(encoded), 3, self.resolution, self.resolution), dtype=torch.float32,
+                          device=self.device)
+        # No stream given: a blocking copy (device-to-device on a GPU). When it returns the
+        # pixels are in `out`, so DALI may reuse its output buffer at the next run and the torch
+        # stream that reads `out` needs no event; one wait per batch of 2 x max_batch_pairs images.
+        feed_ndarray(images.as_tensor(), out)
+        return out                                                  # [2n, 3, R, R]
 
 
-_DECODERS: dict[tuple[int, str], DaliPairDecoder] = {}
+_DECODERS: dict[tuple[int, torch.device], DaliPairDecoder] = {}
 
 
-def shared_decoder(resolution: int) -> DaliPairDecoder:
-    """One decoder (and its pipelines) per process and resolution; on the GPU when there is one."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    key = (resolution, device)
+def shared_decoder(resolution: int, device: torch.device | str) -> DaliPairDecoder:
+    """One decoder (and its pipeline) per process, resolution and device."""
+    key = (resolution, _torch_device(device))
     if key not in _DECODERS:
-        _DECODERS[key] = DaliPairDecoder(resolution, device, num_threads=min(4, os.cpu_count() or 1))
+        _DECODERS[key] = DaliPairDecoder(resolution, key[1], num_threads=min(4, os.cpu_count() or 1))
     return _DECODERS[key]
 
 
-def prepare_shard_dali(refs: list, cfg, resolution: int, rng: np.random.Generator, report) -> list[tuple]:
-    """The pre-encoding pass's per-shard decoding through DALI: (ref, pixels [2, 3, R, R],
-    original sizes [2, 2], crop offsets [2, 2]) per kept pair, as the PIL path yields them.
+def prepare_shard_dali(refs: list, cfg, resolution: int, rng: np.random.Generator, report,
+                       device: torch.device | str = "cpu") -> list[tuple]:
+    """The pre-encoding pass's per-shard decoding through DALI: (ref, pixels [2, 3, R, R] on
+    ``device``, original sizes [2, 2], crop offsets [2, 2]) per kept pair, as the PIL path yields
+    them (its pixels on the CPU).
 
     Pairs whose headers do not parse are skipped and counted like undecodable ones. If DALI fails
     on pixel data (a corrupt body behind a valid header), the shard is redone on the PIL path
-    from the same random state, which skips and counts exactly the bad pairs.
+    from the same random state and the same bytes, which skips and counts exactly the bad pairs.
     """
-    from sail.engine.data.images import prepare_pair
-    from sail.engine.data.pickapic import _FileCache, iter_pair_images
+    from sail.engine.data.encode import prepare_pairs_pil
+    from sail.engine.data.pickapic import iter_pair_bytes
 
     start_state = copy.deepcopy(rng.bit_generator.state)
-    cache, raw, kept_refs = _FileCache(), [], []
-    for ref in refs:
-        cols = cache.get(ref.file)
-        raw.append((cols[ref.winner_col][ref.row].as_py(), cols[ref.loser_col][ref.row].as_py()))
+    rows = list(iter_pair_bytes(refs))
     try:
-        kept, pixels, origs, crops = prepare_pairs_dali(shared_decoder(resolution), raw, cfg.random_crop,
+        kept, pixels, origs, crops = prepare_pairs_dali(shared_decoder(resolution, device),
+                                                        [(w, l) for _, w, l in rows], cfg.random_crop,
                                                         cfg.random_flip, rng)
     except RuntimeError as err:   # DALI reports decoding errors as RuntimeError
         log.warning("DALI could not decode a pair of this shard (%s); decoding the shard with PIL",
                     str(err).splitlines()[0][:200])
         rng.bit_generator.state = start_state
-        return [(ref, *prepare_pair(w, l, resolution, cfg.random_crop, cfg.random_flip, rng))
-                for ref, w, l in iter_pair_images(refs, report)]
+        return list(prepare_pairs_pil(rows, cfg, resolution, rng, report))
     kept_set = set(kept)
     for i, ref in enumerate(refs):
         if i not in kept_set:
@@ -203,7 +223,8 @@ def prepare_pairs_dali(decoder: DaliPairDecoder, raw: list[tuple[bytes, bytes]],
 
     raw: (winner bytes, loser bytes) per pair. Returns the indices of the pairs kept (headers
     that do not parse are skipped, as undecodable images are on the PIL path), pixels
-    [k, 2, 3, R, R], original sizes [k, 2, 2] and crop offsets [k, 2, 2] (h, w / top, left).
+    [k, 2, 3, R, R] on ``decoder.device``, original sizes [k, 2, 2] and crop offsets [k, 2, 2]
+    (h, w / top, left; on the CPU).
     """
     kept, plans, pairs = [], [], []
     for i, (winner, loser) in enumerate(raw):
@@ -216,7 +237,7 @@ def prepare_pairs_dali(decoder: DaliPairDecoder, raw: list[tuple[bytes, bytes]],
         pairs.append((winner, loser))
     if not kept:
         empty = torch.zeros(0, 2, 2, dtype=torch.long)
-        return kept, torch.zeros(0, 2, 3, decoder.resolution, decoder.resolution), empty, empty
+        return kept, torch.zeros(0, 2, 3, decoder.resolution, decoder.resolution, device=decoder.device), empty, empty
     pixels = decoder.decode(pairs, plans)
     origs = torch.tensor([[p.original for p in plan[:2]] for plan in plans])
     crops = torch.tensor([[p.crop for p in plan[:2]] for plan in plans])

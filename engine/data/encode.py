@@ -7,7 +7,10 @@ round-robin to ranks; each shard is written atomically, so an interrupted pass r
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,8 +19,8 @@ from tqdm import tqdm
 from sail.engine import seeds
 from sail.engine.config import DataConfig
 from sail.engine.data.cache import PairBatch, finalize_cache, is_complete, shard_done, write_empty_prompt, write_shard
-from sail.engine.data.images import prepare_pair
-from sail.engine.data.pickapic import DataError, LoadReport, PairRef, iter_pair_images, scan_pickapic
+from sail.engine.data.images import ImageDecodeError, decode_resized, place_pair
+from sail.engine.data.pickapic import DataError, LoadReport, PairRef, iter_pair_bytes, scan_pickapic
 from sail.engine.io import read_json
 from sail.engine.models import Components, encode_prompts, sdxl_time_ids
 from sail.engine.ranks import Ranks, single_process
@@ -40,6 +43,48 @@ def default_resolution(comps: Components) -> int:
     return int(comps.unet.config.sample_size) * comps.vae_factor
 
 
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, results in input order, at most 2 x workers
+    items in flight (a shard's decoded images are not all held at once)."""
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def prepare_pairs_pil(rows: Iterable[tuple[PairRef, bytes, bytes]], cfg: DataConfig, resolution: int,
+                      rng: np.random.Generator, report: LoadReport) -> Iterator[tuple]:
+    """(ref, pixels [2, 3, R, R], original sizes [2, 2], crop offsets [2, 2]) per decodable pair
+    of ``rows`` (ref, winner bytes, loser bytes), in order: ``prepare_pair`` on each.
+
+    Decoding and resizing run on ``cfg.decode_workers`` threads; the flips and crops are drawn
+    here, one pair after the other, so the output (pixels, order, skipped pairs, the state of
+    ``rng``) is the serial one whatever the number of threads. Undecodable pairs are skipped and
+    counted in ``report``, drawing nothing, as on the serial path.
+    """
+    def decode(row):
+        ref, winner, loser = row
+        try:
+            return ref, (decode_resized(winner, resolution), decode_resized(loser, resolution))
+        except ImageDecodeError:
+            return ref, None
+
+    for ref, decoded in _ordered_map(decode, rows, cfg.decode_workers):
+        if decoded is None:
+            report.note_undecodable(ref.row_id)
+            continue
+        (winner, winner_size), (loser, loser_size) = decoded
+        yield (ref, *place_pair(winner, loser, [winner_size, loser_size], resolution, cfg.random_crop,
+                                cfg.random_flip, rng))
+
+
 def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resolution: int, seed: int,
                   shard: int) -> tuple[PairBatch | None, list[str], list[str], LoadReport]:
     report = LoadReport(kept=len(refs))
@@ -50,10 +95,12 @@ def _encode_shard(comps: Components, refs: list[PairRef], cfg: DataConfig, resol
     if cfg.decoder == "dali":
         from sail.engine.data.dali import prepare_shard_dali
 
-        items = prepare_shard_dali(refs, cfg, resolution, rng, report)
+        # DALI leaves the pixels where the VAE runs (a GPU: no copy to the host and back);
+        # pixel-space models keep them on the CPU, where their "latents" are stored
+        device = comps.vae.device if comps.vae is not None else torch.device("cpu")
+        items = prepare_shard_dali(refs, cfg, resolution, rng, report, device)
     else:
-        items = ((ref, *prepare_pair(winner, loser, resolution, cfg.random_crop, cfg.random_flip, rng))
-                 for ref, winner, loser in iter_pair_images(refs, report))
+        items = prepare_pairs_pil(iter_pair_bytes(refs), cfg, resolution, rng, report)
     for ref, px, orig, crop in items:
         pixels.append(px)
         origs.append(orig)
