@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from sail.engine import hooks, seeds as run_seeds
+from sail.engine.compilation import call, compile_module
 from sail.engine.config import SailConfig
 from sail.engine.data.cache import (PairBatch, PairCache, finalize_cache, write_empty_prompt, write_shard,
                                     write_train_set)
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Candidates:
     """The candidates of an iteration: ``index`` rows (prompt_idx, prompt, cand, seed, file,
-    offset) and the chunk files' tensors, loaded lazily."""
+    offset) and the chunk files' tensors, read row by row: ``of_prompt`` reads only the rows it
+    returns and keeps no file open, so no stage's memory grows with the pool or N (whole chunk
+    files loaded and kept, as before, ended with the whole pool in memory)."""
 
     folder: Path
 
@@ -56,32 +59,50 @@ class Candidates:
         self.index = pq.read_table(self.folder / "index.parquet").to_pydict()
         self.prompts = read_json(self.folder / "prompts.json")
         self.n = read_json(self.folder / "meta.json")["candidates"]
-        self._shards: dict[str, dict] = {}
+        self._ids: tuple[str, list[int]] = ("", [])    # the prompt ids of the file last read
         self._rows: dict[int, list[int]] = {}     # prompt -> index rows, in candidate order
         for i, p in enumerate(self.index["prompt_idx"]):
             self._rows.setdefault(p, []).append(i)
         for rows in self._rows.values():
             rows.sort(key=lambda i: self.index["cand"][i])
 
-    def _shard(self, name: str) -> dict:
-        if name not in self._shards:
-            from safetensors.torch import load_file
+    def _open(self, name: str) -> tuple[object, list[int]]:
+        """A new handle on chunk file ``name``, and the prompts the file holds. Each read opens
+        its own: a handle memory-maps the file, and one kept open across prompts keeps every page
+        it touched resident (page-cache folios of megabytes: the whole file, measured)."""
+        from safetensors import safe_open
 
-            self._shards[name] = load_file(str(self.folder / name))
-        return self._shards[name]
+        handle = safe_open(str(self.folder / name), framework="pt")
+        if self._ids[0] != name:
+            self._ids = (name, handle.get_tensor("prompt_ids").tolist())
+        return handle, self._ids[1]
 
     def seeds_of(self, p: int) -> list[int]:
         """The sampling seeds of prompt ``p``'s candidates, in candidate order."""
         return [int(self.index["seed"][i]) for i in self._rows[p]]
 
-    def of_prompt(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """latents [N, C, h, w], hidden [1, L, D], pooled [1, P] or None of prompt ``p``."""
+    def of_prompt(self, p: int, cands: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor | None]:
+        """latents [len(cands), C, h, w] of prompt ``p``'s candidates ``cands`` in that order (all
+        N by default), hidden [1, L, D] float32, pooled [1, P] or None; only these rows are read."""
         rows = self._rows[p]
-        data = self._shard(self.index["file"][rows[0]])
-        offs = [self.index["offset"][i] for i in rows]
-        local = data["prompt_ids"].tolist().index(p)
-        pooled = data["pooled"][local:local + 1] if "pooled" in data else None
-        return data["latents"][offs], data["hidden"][local:local + 1].float(), pooled
+        handle, ids = self._open(self.index["file"][rows[0]])
+        offs = [self.index["offset"][rows[c]] for c in (range(len(rows)) if cands is None else cands)]
+        local = ids.index(p)
+        hidden = handle.get_slice("hidden")[local:local + 1].to(torch.float32, copy=True)
+        pooled = handle.get_slice("pooled")[local:local + 1].clone() if "pooled" in handle.keys() else None
+        return _read_rows(handle.get_slice("latents"), offs), hidden, pooled
+
+
+def _read_rows(rows_of, offsets: list[int]) -> torch.Tensor:
+    """Rows ``offsets`` of a safetensors slice, in that order, each run of consecutive rows read
+    at once; a tensor of its own (a slice may be a view of the whole memory-mapped tensor)."""
+    runs, start = [], 0
+    for i in range(1, len(offsets) + 1):
+        if i == len(offsets) or offsets[i] != offsets[i - 1] + 1:
+            runs.append(rows_of[offsets[start]:offsets[i - 1] + 1])
+            start = i
+    return runs[0].clone() if len(runs) == 1 else torch.cat(runs)
 
 
 def read_prompt_file(path: str, key: str = "prompt file") -> list[str]:
@@ -127,14 +148,18 @@ def sample_prompts(comps, model_dir: str, prompts: list[str], seeds: list[int], 
     repeat = len(seeds) // len(prompts)
     cond = encode_prompts(comps.text_encoders, comps.tokenizers, prompts)
     uncond = unconditional_conditioning(encode_prompts(comps.text_encoders, comps.tokenizers, [""]), model_dir)
-    rows = Conditioning(cond.hidden.repeat_interleave(repeat, 0),
-                        None if cond.pooled is None else cond.pooled.repeat_interleave(repeat, 0))
     side = int(comps.unet.config.sample_size)
     time_ids = native_time_ids(side * vae_scale_factor(model_dir), 1) if cond.pooled is not None else None
-    latents = sample_conditioned(comps.unet, comps.noise_scheduler, rows, uncond, seeds, time_ids=time_ids,
-                                 latent_shape=(comps.unet.config.in_channels, side, side), sampling=sampling,
-                                 progress=progress)
-    return latents, cond
+    # The sampler takes one conditioning row per sample: the rows of one sampling batch at a time,
+    # never [prompts x N, L, D]. Same batches, per-sample generators: the same samples, bit for bit.
+    batch, parts = sampling.batch_size, []
+    for start in tqdm(range(0, len(seeds), batch), desc="sample", unit="batch", disable=not progress):
+        prompt_of = torch.arange(start, min(start + batch, len(seeds)), device=cond.hidden.device) // repeat
+        rows = Conditioning(cond.hidden[prompt_of], None if cond.pooled is None else cond.pooled[prompt_of])
+        parts.append(sample_conditioned(comps.unet, comps.noise_scheduler, rows, uncond, seeds[start:start + batch],
+                                        time_ids=time_ids, latent_shape=(comps.unet.config.in_channels, side, side),
+                                        sampling=sampling))
+    return torch.cat(parts), cond
 
 
 def prompt_chunks(n_prompts: int, size: int) -> list[range]:
@@ -173,7 +198,7 @@ def generate_candidates(model_dir: str, prompts: list[str], cfg: SailConfig, out
             return
         device = ranks.device
         comps = load_components(model_dir, with_vae=False, dtype=inference_dtype(cfg, device))
-        comps.unet.to(device).eval()
+        compile_module(comps.unet.to(device).eval(), "the generating UNet", cfg.compile)
         for enc in comps.text_encoders:
             enc.to(device)
         for k, rows in enumerate(tqdm(mine, desc="generate", unit="chunk", disable=not ranks.is_main)):
@@ -233,7 +258,8 @@ def _forward_chunks(unet, x, t, hidden, pooled, time_ids, batch: int) -> torch.T
         kwargs = {}
         if pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[sl].to(dtype), "time_ids": time_ids[sl].to(dtype)}
-        outs.append(unet(x[sl].to(dtype), t[sl], encoder_hidden_states=hidden[sl].to(dtype), **kwargs).sample.float())
+        outs.append(call(unet, x[sl].to(dtype), t[sl], encoder_hidden_states=hidden[sl].to(dtype),
+                         **kwargs).sample.float())
     return torch.cat(outs)
 
 
@@ -348,8 +374,9 @@ def rank_candidates(cands: Candidates, cur_dir: str, ref_dir: str, cfg: SailConf
             return
         dtype = inference_dtype(cfg, ranks.device)
         comps = load_components(cur_dir, with_text=False, with_vae=False, dtype=dtype)
-        cur = comps.unet.to(ranks.device).eval()
-        ref = load_unet(ref_dir, dtype).to(ranks.device).eval()
+        cur = compile_module(comps.unet.to(ranks.device).eval(), "the ranked UNet", cfg.compile)
+        ref = compile_module(load_unet(ref_dir, dtype).to(ranks.device).eval(), "the ranking reference UNet",
+                             cfg.compile)
         bar = tqdm(total=sum(len(rows) for rows in mine), desc="rank", disable=not ranks.is_main, mininterval=2)
         for k, rows in enumerate(mine):
             table = {"prompt_idx": [], "cand": [], "reward": [], "draws": []}
@@ -466,14 +493,29 @@ def choose_pairs(rewards: dict, pairing: str, seed: int, min_z: float = 0.0, per
     return out
 
 
-def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out: Path, vae_factor: int = 8) -> Path:
-    """The chosen pairs as a pair cache: latents stay latents (no decode / re-encode).
+def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out: Path, vae_factor: int = 8,
+                     shard_pairs: int = 256) -> Path:
+    """The chosen pairs as a pair cache: latents stay latents (no decode / re-encode). Only each
+    pair's two latents are read, and the cache is written ``shard_pairs`` pairs a shard, so memory
+    holds one shard's pairs, not the pool's (the seed cache's ``data.encode_shard_pairs`` default).
     ``vae_factor``: pixels per latent of the model that generated them (SDXL time ids)."""
+    chosen = list(zip(pairs["prompt_idx"], pairs["winner"], pairs["loser"]))
+    shards = [chosen[s:s + shard_pairs] for s in range(0, len(chosen), shard_pairs)]
+    for k, part in enumerate(shards):
+        write_shard(out, k, _pair_batch(cands, part, vae_factor), [cands.prompts[p] for p, _, _ in part],
+                    [f"generated:{p}" for p, _, _ in part])
+    write_empty_prompt(out, seed_cache.empty_hidden, seed_cache.empty_pooled)
+    finalize_cache(out, len(shards), {"version": 1, "kind": seed_cache.meta.get("kind"), "generated": True})
+    return out
+
+
+def _pair_batch(cands: Candidates, chosen: list[tuple[int, int, int]], vae_factor: int) -> PairBatch:
+    """The (prompt, winner, loser) triples ``chosen`` as one PairBatch."""
     lw, ll, hid, pooled = [], [], [], []
-    for p, w, l in zip(pairs["prompt_idx"], pairs["winner"], pairs["loser"]):
-        latents, hidden, pool = cands.of_prompt(p)
-        lw.append(latents[w:w + 1])
-        ll.append(latents[l:l + 1])
+    for p, w, l in chosen:
+        latents, hidden, pool = cands.of_prompt(p, [w, l])
+        lw.append(latents[0:1])
+        ll.append(latents[1:2])
         hid.append(hidden)
         if pool is not None:
             pooled.append(pool)
@@ -481,11 +523,7 @@ def build_pair_cache(cands: Candidates, pairs: dict, seed_cache: PairCache, out:
     if pooled:
         batch.time_ids_w = native_time_ids(batch.latents_w.shape[-1] * vae_factor, len(lw))
         batch.time_ids_l = batch.time_ids_w.clone()     # two tensors: safetensors refuses shared storage
-    captions = [cands.prompts[p] for p in pairs["prompt_idx"]]
-    write_shard(out, 0, batch, captions, [f"generated:{p}" for p in pairs["prompt_idx"]])
-    write_empty_prompt(out, seed_cache.empty_hidden, seed_cache.empty_pooled)
-    finalize_cache(out, 1, {"version": 1, "kind": seed_cache.meta.get("kind"), "generated": True})
-    return out
+    return batch
 
 
 def mix_pairs(n_generated: int, n_seed: int, alpha: float, seed: int) -> list[tuple[int, int]]:
