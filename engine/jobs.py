@@ -11,11 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from sail.engine.config import RunConfig, SSPOConfig
 from sail.engine.configtree import ConfigError
 from sail.engine.data.cache import TrainSet
 from sail.engine.data.encode import encode_pickapic
 from sail.engine.layout import RunLayout
+from sail.engine.compilation import compile_training
 from sail.engine.models import (build_components, check_model_folder, load_components, load_unet, save_model_folder,
                                 set_attention_backend)
 from sail.engine.lora import LORA_DIR, add_lora, merge_lora_state, require_frozen_recompute_support, save_lora
@@ -52,6 +55,12 @@ def encode_seed_pairs(cfg: RunConfig, ranks: Ranks, model_dir: str) -> Path:
     return cache_dir
 
 
+def model_save_dtype(save_precision: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the UNet a training stage saves (``train.save_precision``): fp32, or the dtype
+    the stage trained in."""
+    return compute_dtype if save_precision == "train" else torch.float32
+
+
 def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: TrainSet, out_dir: Path, *, seed: int,
                   tag: str = "dpo", reference_model: str | None = None, sspo: SSPOConfig | None = None) -> StageResult:
     """DPO from ``init_model`` against ``reference_model`` (default: the init model); writes
@@ -77,6 +86,7 @@ def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: Trai
         policy.enable_gradient_checkpointing()
     unet_config = dict(policy.config)
     strategy.prepare(policy, reference, cfg.train.steps, len(train_set))
+    compile_training(strategy, cfg.train.compile)
     log.info("training: %s, attention %s", describe_strategy(strategy), backend)
     t0 = time.perf_counter()
     result = train_dpo(cfg.train, strategy, comps.noise_scheduler, train_set, out_dir, seed=seed,
@@ -86,7 +96,8 @@ def run_dpo_stage(cfg: RunConfig, ranks: Ranks, init_model: str, train_set: Trai
         if use_lora:   # adapters in the diffusers format, and the merged full UNet for later stages
             save_lora(out_dir / LORA_DIR, state, policy, cfg.model.lora, comps.kind, init_model)
             state = merge_lora_state(state, cfg.model.lora)
-        save_model_folder(out_dir / "model", state, unet_config, comps, source=init_model)
+        save_model_folder(out_dir / "model", state, unet_config, comps, source=init_model,
+                          dtype=model_save_dtype(cfg.train.save_precision, strategy.compute_dtype))
         write_stage_metrics(out_dir / "metrics.json", result, {
             "seconds": time.perf_counter() - t0, "attention_backend": backend,
             "strategy": describe_strategy(strategy), "init_model": init_model,

@@ -7,6 +7,8 @@ The VAE may be absent (pixel-space models such as the toy world): latents are th
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -14,13 +16,13 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
 from sail.engine.configtree import ConfigError
-from sail.engine.io import link_tree
+from sail.engine.io import link_tree, write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +96,28 @@ def check_model_folder(path: str | os.PathLike, key: str = "model.path") -> Path
 
 def load_components(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     with_text: bool = True, with_vae: bool = True) -> Components:
-    """Load UNet, scheduler, text encoder(s), tokenizer(s) and the VAE (if present) from disk."""
+    """Load UNet, scheduler, text encoder(s), tokenizer(s) and the VAE (if present) from disk
+    (through the node cache when one is in use: ``use_node_cache``). A folder saved in another
+    dtype (``train.save_precision``) is cast to ``dtype`` on load."""
+    shared = check_model_folder(folder)
+    kind = detect_kind(shared)
+    parts = ["unet", "scheduler"]
+    if with_vae and (shared / "vae").is_dir():
+        parts.append("vae")
+    if with_text:
+        parts += ["tokenizer", "text_encoder"] + (["tokenizer_2", "text_encoder_2"] if kind == "sdxl" else [])
+    with node_local(shared, parts) as local:
+        return _load_components(local, kind, dtype, "vae" in parts, with_text)
+
+
+def _load_components(folder: Path, kind: Kind, dtype: torch.dtype, with_vae: bool, with_text: bool) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = check_model_folder(folder)
-    kind = detect_kind(folder)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     vae = None
-    if with_vae and (folder / "vae").is_dir():
+    if with_vae:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
     encoders, tokenizers = [], []
     if with_text:
@@ -121,11 +135,144 @@ def load_components(folder: str | os.PathLike, *, dtype: torch.dtype = torch.flo
 
 
 def load_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Only the UNet of a model folder (the DPO reference, or a policy checkpoint)."""
+    """Only the UNet of a model folder (the DPO reference, or a policy checkpoint), cast to
+    ``dtype``; through the node cache when one is in use."""
     from diffusers import UNet2DConditionModel
 
-    folder = check_model_folder(folder)
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dtype)
+    with node_local(check_model_folder(folder), ["unet"]) as local:
+        return UNet2DConditionModel.from_pretrained(local, subfolder="unet", local_files_only=True, torch_dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a model folder once per node
+# --------------------------------------------------------------------------------------------
+
+NODE_CACHE_KEEP = 3
+"""Model folders a node cache keeps (the most recently used): a SAIL rank stage reads two at once
+(the current model and its ranking reference), the next stage the newest of them."""
+_node_cache: "NodeCache | None" = None
+
+
+def use_node_cache(root: str | os.PathLike | None) -> None:
+    """Load model folders of this process through a ``NodeCache`` at ``root`` (None: from where
+    they are). Set once per process (``Controller``) where several ranks share a node."""
+    global _node_cache
+    _node_cache = NodeCache(root) if root else None
+
+
+@contextlib.contextmanager
+def node_local(folder: Path, parts: list[str]) -> Iterator[Path]:
+    """A folder holding the subfolders ``parts`` of ``folder`` while the block reads them: the
+    node cache's copy, or ``folder`` itself without a cache."""
+    if _node_cache is None:
+        yield folder
+    else:
+        with _node_cache.local(folder, parts) as local:
+            yield local
+
+
+def _stamp(src: Path) -> list:
+    """What identifies the files under ``src`` without reading them: (path, size, mtime, inode)."""
+    out = []
+    for dirpath, _, files in os.walk(src, followlinks=True):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            out.append([os.path.relpath(os.path.join(dirpath, name), src), st.st_size, st.st_mtime_ns, st.st_ino])
+    return sorted(out)
+
+
+class NodeCache:
+    """Node-local copies of model folders from shared storage (``distributed.node_cache``).
+
+    The first process of a node to load a folder copies the subfolders it needs into
+    ``root/uid<uid>/<key>/`` while it holds ``<key>.lock`` exclusively (``fcntl.flock``: local to
+    the node, released if the process dies); the node's other processes wait on that lock, then
+    hold it shared while they read the copy. So shared storage serves each folder once per node,
+    and no collective is issued: a rank with nothing to load is not waited for. Each copied
+    subfolder is stamped with its source files' (size, mtime, inode), and copied again when they
+    change (a model folder re-saved by ``--stage train``)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / f"uid{os.getuid()}"
+
+    @contextlib.contextmanager
+    def local(self, folder: Path, parts: list[str]) -> Iterator[Path]:
+        import fcntl
+
+        folder = Path(folder)
+        key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        entry, lock = self.root / key, None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = open(self.root / f"{key}.lock", "a+")
+        except OSError as err:
+            log.warning("node cache %s unusable (%s): reading %s from where it is", self.root, err, folder)
+        if lock is None:
+            yield folder
+            return
+        with lock:
+            where = folder
+            for _ in range(3):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                os.utime(lock.name)                   # last use: the eviction order
+                if not self._fill(folder, entry, parts):
+                    fcntl.flock(lock, fcntl.LOCK_UN)  # the others read the shared folder too, unhindered
+                    break
+                # flock's conversion to shared is not atomic: an eviction may slip in between
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                if all((entry / part).is_dir() and (entry / f"{part}.stamp.json").is_file() for part in parts):
+                    where = entry
+                    break
+            yield where
+
+    def _fill(self, folder: Path, entry: Path, parts: list[str]) -> bool:
+        """Copy the parts whose stamps differ (under the entry's exclusive lock); False when the
+        copy cannot be made (no room, an I/O error): then the shared folder is read."""
+        for part in parts:
+            src, dst, stamp_file = folder / part, entry / part, entry / f"{part}.stamp.json"
+            stamp = _stamp(src)
+            if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and dst.is_dir():
+                continue
+            self._evict(keep=entry.name)
+            need = sum(size for _, size, _, _ in stamp)
+            free = shutil.disk_usage(self.root).free
+            if need > 0.9 * free:
+                log.warning("node cache %s: %s (%.2f GiB) does not fit in %.2f GiB free; reading it from %s",
+                            self.root, part, need / 2 ** 30, free / 2 ** 30, folder)
+                return False
+            tmp = entry / f".{part}.tmp"
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                stamp_file.unlink(missing_ok=True)
+                shutil.copytree(src, tmp)             # links followed: the copy holds the bytes
+                shutil.rmtree(dst, ignore_errors=True)
+                os.replace(tmp, dst)
+                write_json(stamp_file, stamp)
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.warning("node cache %s: copying %s/%s failed (%s); reading it from there", self.root, folder,
+                            part, err)
+                return False
+            log.info("node cache: %s/%s copied to %s (%.2f GiB)", folder, part, dst, need / 2 ** 30)
+        return True
+
+    def _evict(self, keep: str) -> None:
+        """Delete the copies beyond the ``NODE_CACHE_KEEP`` most recently used (``keep``'s
+        counted) that no process is reading (their lock taken without waiting). Lock files stay
+        (empty): one replaced while a process waits on the old one would let two processes hold
+        "the" lock."""
+        import fcntl
+
+        locks = sorted(self.root.glob("*.lock"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        others = [p for p in locks if p.stem != keep and (self.root / p.stem).is_dir()]
+        for path in others[NODE_CACHE_KEEP - 1:]:       # room for ``keep``'s copy
+            entry = self.root / path.stem
+            with open(path, "a+") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,10 +470,10 @@ def native_time_ids(size: int, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def save_model_folder(out: Path, unet_state: dict | None, unet_config: dict, comps: Components,
-                      source: str | None) -> None:
-    """Write a complete diffusers-format folder: the trained UNet (safetensors) plus the frozen
-    components (linked from ``source`` or saved from memory). Written to a temp folder, then
-    renamed, so a folder that exists is complete."""
+                      source: str | None, dtype: torch.dtype = torch.float32) -> None:
+    """Write a complete diffusers-format folder: the trained UNet (safetensors, in ``dtype``:
+    ``train.save_precision``) plus the frozen components (linked from ``source`` or saved from
+    memory). Written to a temp folder, then renamed, so a folder that exists is complete."""
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
@@ -336,7 +483,8 @@ def save_model_folder(out: Path, unet_state: dict | None, unet_config: dict, com
     unet = UNet2DConditionModel.from_config(unet_config)
     if unet_state is not None:
         unet.load_state_dict(unet_state)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    # nn.Module.to: ModelMixin.to warns about modules to keep in fp32, of which a UNet has none
+    nn.Module.to(unet, dtype).save_pretrained(tmp / "unet", safe_serialization=True)
     if source:
         for sub in Path(source).iterdir():
             if sub.name == "unet":

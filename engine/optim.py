@@ -190,10 +190,22 @@ def check_update_exact(opt: OptimizerConfig, ds_cfg: dict) -> None:
         f"distributed.zero_stage 0 or the local backend.")
 
 
+# The zero_optimization keys that say how parameters (not gradients or optimizer states) are
+# partitioned, fetched and kept: the partitioned reference takes the policy's (a passthrough
+# stage3_param_persistence_threshold or offload_param included).
+REFERENCE_ZERO_KEYS = ("stage", "offload_param", "overlap_comm", "stage3_param_persistence_threshold",
+                       "stage3_model_persistence_threshold", "stage3_max_live_parameters",
+                       "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+                       "stage3_module_granularity_threshold", "stage3_use_all_reduce_for_fetch_params",
+                       "stage3_allgather_sequential", "zero_quantized_weights", "zero_hpz_partition_size")
+
+
 def reference_deepspeed_config(policy_cfg: dict) -> dict:
-    """Config of the optimizer-less reference engine (ZeRO-3 partitions it like the policy)."""
+    """Config of the optimizer-less reference engine (``distributed.reference: partitioned``):
+    partitioned and fetched like the policy (``REFERENCE_ZERO_KEYS``), without optimizer."""
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16",
             "steps_per_print", "wall_clock_breakdown")
     cfg = {k: copy.deepcopy(policy_cfg[k]) for k in keep if k in policy_cfg}
-    cfg["zero_optimization"] = {"stage": policy_cfg["zero_optimization"]["stage"]}
+    zero = policy_cfg["zero_optimization"]
+    cfg["zero_optimization"] = {k: copy.deepcopy(zero[k]) for k in REFERENCE_ZERO_KEYS if k in zero}
     return cfg

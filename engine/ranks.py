@@ -46,6 +46,17 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_world_size(self) -> int:
+        """Processes of the run on this node: the launcher's count (torchrun: LOCAL_WORLD_SIZE,
+        deepspeed: LOCAL_SIZE), else the world size (one node assumed)."""
+        if self.world_size == 1:
+            return 1
+        for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+            if os.environ.get(key, "").isdigit():
+                return int(os.environ[key])
+        return self.world_size
+
     def barrier(self) -> None:
         # world_size 1 (``single_process()``, or one process in a group) never issues a
         # collective: a "one process" object used on rank 0 of a group would otherwise pair

@@ -2,9 +2,10 @@
 
 ``LocalStrategy``: plain torch in one process (CPU tests, laptops, single-GPU debugging).
 ``DeepSpeedStrategy``: DeepSpeed ZeRO 0-3; the policy is an engine with optimizer; the DPO
-reference is a second engine without optimizer under ZeRO-3 (partitioned like the policy,
-loaded from disk by the caller, never deep-copied from a partitioned model) and a plain
-frozen replica under ZeRO 0-2.
+reference (loaded from disk by the caller, never deep-copied from a partitioned model) is a
+plain frozen replica in the compute dtype under ZeRO 0-2, and under ZeRO-3 either that replica
+or a second engine without optimizer, partitioned like the policy (``distributed.reference``,
+``choose_reference_placement``).
 
 Verbs: prepare, policy / reference (callables), backward, step, grad_norm, lr, save_checkpoint,
 load_checkpoint, policy_state_dict, load_reference (SSPO's replay), all_reduce_mean, barrier,
@@ -83,6 +84,8 @@ class Strategy:
     compute_dtype: torch.dtype = torch.float32
     policy: nn.Module
     reference: nn.Module | None
+    reference_placement: str | None = None
+    """replicated or partitioned once ``prepare`` has placed a reference; None without one."""
 
     @property
     def rank(self) -> int:
@@ -147,6 +150,7 @@ class LocalStrategy(Strategy):
         # Mixed precision here is autocast over fp32 master weights (DeepSpeed keeps its own).
         self.policy = policy.to(self.device).train()
         self.reference = reference.to(self.device).eval().requires_grad_(False) if reference is not None else None
+        self.reference_placement = "replicated" if reference is not None else None
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, self.train.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, self.train.scheduler, total_steps)
@@ -276,15 +280,27 @@ class DeepSpeedStrategy(Strategy):
             model=policy, model_parameters=params, optimizer=client_opt, config=self.ds_config,
             lr_scheduler=lambda opt: build_lr_scheduler(opt, self.train.scheduler, total_steps))
         self.policy = self.engine
-        self.reference = None
+        self.reference, self.reference_placement = None, None
         if reference is not None:
             reference.requires_grad_(False).eval()
-            if self.dist.zero_stage == 3:
+            self.reference_placement = self._place_reference(reference)
+            if self.reference_placement == "partitioned":
                 ref_engine, *_ = deepspeed.initialize(model=reference, config=reference_deepspeed_config(self.ds_config))
                 ref_engine.eval()
                 self.reference = ref_engine
-            else:
+            else:   # the dtype the engine would cast it to (a UNet has no buffers to keep in fp32)
                 self.reference = reference.to(self.device, self.compute_dtype)
+
+    def _place_reference(self, reference: nn.Module) -> str:
+        """replicated or partitioned (``choose_reference_placement``), the same on every rank."""
+        if self.dist.zero_stage != 3:
+            return "replicated"      # ZeRO 0-2 partition no parameter
+        nbytes = sum(p.numel() for p in reference.parameters()) * self.compute_dtype.itemsize
+        # Rank 0 decides and tells the others: the two placements issue different collectives.
+        placement, why = self.broadcast_object(
+            choose_reference_placement(self.dist, nbytes, device_memory_bytes(self.ranks)) if self.is_main else None)
+        log.info("DPO reference under ZeRO-3: %s (%s)", placement, why)
+        return placement
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the module; inputs are cast by the trainer
@@ -364,7 +380,7 @@ class DeepSpeedStrategy(Strategy):
         """Replace the reference's weights (every rank passes the same full ``state``); under
         ZeRO-3 the partitioned engine's parameters are gathered, written on rank 0 and
         re-partitioned."""
-        if self.dist.zero_stage != 3:
+        if self.reference_placement != "partitioned":
             self.reference.load_state_dict(state)
             return
         import deepspeed
@@ -387,6 +403,27 @@ class DeepSpeedStrategy(Strategy):
         return contextlib.nullcontext()
 
 
+def device_memory_bytes(ranks: Ranks) -> int:
+    """One device's memory: a GPU's total memory; on a CPU the host's physical memory divided by
+    the ranks on the node (they share it)."""
+    if ranks.device.type == "cuda":
+        return torch.cuda.get_device_properties(ranks.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks.local_world_size
+
+
+def choose_reference_placement(dist: DistributedConfig, reference_bytes: int, device_bytes: int) -> tuple[str, str]:
+    """(placement, why) of the frozen DPO reference under ZeRO-3: ``distributed.reference``, or
+    under auto replicated when its ``reference_bytes`` (parameters x compute dtype size) fit
+    within ``reference_memory_fraction`` of ``device_bytes``, else partitioned."""
+    if dist.reference != "auto":
+        return dist.reference, f"distributed.reference: {dist.reference}"
+    budget = dist.reference_memory_fraction * device_bytes
+    fits = reference_bytes <= budget
+    why = (f"auto: its {reference_bytes / 2 ** 30:.3g} GiB {'fit' if fits else 'exceed'} reference_memory_fraction "
+           f"{dist.reference_memory_fraction} x {device_bytes / 2 ** 30:.3g} GiB of device memory")
+    return ("replicated" if fits else "partitioned"), why
+
+
 def make_strategy(train: TrainConfig, dist: DistributedConfig, ranks: Ranks | None = None) -> Strategy:
     """The training engine of one stage on the process's ranks: DeepSpeed when the process
     group is DeepSpeed's (``backend: auto`` under a distributed launcher), else local."""
@@ -399,5 +436,6 @@ def make_strategy(train: TrainConfig, dist: DistributedConfig, ranks: Ranks | No
 def describe_strategy(strategy: Strategy) -> str:
     name = type(strategy).__name__.replace("Strategy", "").lower()
     extra = f", zero {strategy.dist.zero_stage}" if name == "deepspeed" else ""
+    reference = {"reference": strategy.reference_placement} if strategy.reference_placement else {}
     return json.dumps({"strategy": name + extra, "world_size": strategy.world_size,
-                       "device": str(strategy.device), "precision": strategy.precision})
+                       "device": str(strategy.device), "precision": strategy.precision, **reference})
