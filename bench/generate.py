@@ -82,6 +82,9 @@ def run_diffusers(comps, args, device, dtype):
                                        unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    # The whole pipeline in the UNet's dtype, as a user loads it (torch_dtype=...): the pipeline
+    # casts the given embeddings to its text encoder's dtype and starts its latents in that dtype.
+    pipe.to(device, dtype)
     side = comps.unet.config.sample_size * comps.vae_factor
 
     def sample():

@@ -99,6 +99,9 @@ class DataConfig:
     """Pairs per cache shard: the unit of work handed to a rank and of resume in pre-encoding."""
     decoder: Literal["pil", "dali"] = "pil"
     """Image decoding backend of the pre-encoding pass."""
+    decode_workers: int = 4
+    """Threads that decode and resize a shard's images on the PIL path of the pre-encoding pass
+    (per rank; 1: no pool). The output does not depend on it."""
 
     def __post_init__(self):
         require(0.0 <= self.empty_prompt_prob < 1.0, "empty_prompt_prob",
@@ -107,6 +110,7 @@ class DataConfig:
         require(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be > 0")
         require(self.encode_batch_size > 0, "encode_batch_size", "must be > 0")
         require(self.encode_shard_pairs > 0, "encode_shard_pairs", "must be > 0")
+        require(self.decode_workers > 0, "decode_workers", f"must be > 0, got {self.decode_workers}")
         require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction",
                 f"must be in [0, 1), got {self.max_bad_fraction}")
 
@@ -190,12 +194,23 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the policy and reference UNets (engine/compilation.py: inductor; each input
+    shape compiles once at its first call, a compile failure falls back to eager and says why)."""
     save_every: int = 0
     """Step checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Step checkpoints kept on disk."""
     log_every: int = 10
     """Host sync + TensorBoard/tqdm update every this many steps."""
+    save_precision: Literal["fp32", "train"] = "fp32"
+    """dtype of the UNet in the model folder a training stage writes (iter_i/model/): fp32 (the
+    fp32 master weights as trained; the default, so every later stage reads exactly what it read
+    before this key existed) or train (train.precision as run: bf16 on CUDA under auto, fp32 on a
+    CPU), which halves the bytes every rank of generate, rank, evaluate and the next training stage
+    reads. Those stages then start from the bf16-rounded weights: the same values that DeepSpeed
+    bf16 training (its module cast) and sail.precision bf16 produce from an fp32 folder, so they
+    see no change; an fp32 reader (local autocast training, sail.precision fp32) sees the rounding."""
 
     def __post_init__(self):
         require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
@@ -222,9 +237,33 @@ class DistributedConfig:
     """If set, must equal micro_batch_pairs x grad_accum x world size (checked at start)."""
     deepspeed: dict = field(default_factory=dict)
     """Passthrough: merged last into the derived DeepSpeed config, for rare knobs."""
+    reference: Literal["auto", "replicated", "partitioned"] = "auto"
+    """Where ZeRO-3 keeps the frozen DPO reference. replicated: a plain module in the compute dtype
+    on every device (no all-gather in its forward; its whole size on each device); partitioned: a
+    second, optimizer-less ZeRO-3 engine (1/world of it per device, but the whole UNet all-gathered
+    again at every micro-step); auto: replicated when its bytes fit within
+    reference_memory_fraction of one device's memory, else partitioned (the log says which and
+    why). The same weights in the same dtype either way: the losses do not change. ZeRO 0-2 and
+    the local strategy partition no parameter: the reference is a replica there whatever this says."""
+    reference_memory_fraction: float = 0.15
+    """reference auto: the largest share of one device's memory a replicated reference may take
+    (a GPU: its total memory; a CPU: the host's memory divided by the ranks on the node). 0.15 of
+    an 80 GB GPU holds the SDXL UNet in bf16 (4.8 GiB); of a 24 GB one it does not."""
+    node_cache: str | None = "/dev/shm/sail-node-cache"
+    """A node-local folder where the first rank of a node to load a model folder copies the parts
+    it loads, once; the node's other ranks wait and read the copy, so shared storage serves each
+    model folder once per node instead of once per rank (engine/models.py, NodeCache). Used only
+    when several ranks share the node. A copy that would not fit its free space is skipped (the
+    ranks read the shared folder); the 3 most recently used folders are kept, older ones deleted.
+    It outlives the run (tmpfs under /dev/shm holds memory until deleted). None: every rank reads
+    the shared folder."""
 
     def __post_init__(self):
         require(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0-3, got {self.zero_stage}")
+        require(self.reference != "partitioned" or self.zero_stage == 3, "reference",
+                f"partitioned needs zero_stage 3 (ZeRO {self.zero_stage} partitions no parameter)")
+        require(0 < self.reference_memory_fraction <= 1, "reference_memory_fraction",
+                f"must be in (0, 1], got {self.reference_memory_fraction}")
         require(self.global_batch_pairs is None or self.global_batch_pairs > 0, "global_batch_pairs", "must be > 0")
 
 
@@ -289,6 +328,8 @@ class SailConfig:
     sampling.batch_size / candidates keeps the sampling batches of one process unchanged."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights of the models that generate and rank (auto: bf16 on CUDA, fp32 on CPU)."""
+    compile: bool = False
+    """torch.compile the UNets that generate and rank (as train.compile)."""
     pairing: Literal["best_worst", "best_mu2sigma", "random", "random_unranked"] = "best_worst"
     """best_worst: the highest- and lowest-rewarded candidates; best_mu2sigma: the highest against
     the one nearest mean - 2 std of the prompt's rewards; random: a random pair, the higher-rewarded
@@ -412,6 +453,11 @@ class EvalConfig:
     """Seed of the evaluation images (the same for every model compared)."""
     chunk_images: int = 256
     """Images per chunk of ``sail evaluate``: the unit of resumption and of the split over ranks."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights of the evaluated UNet and text encoders (auto: bf16 on CUDA, fp32 on CPU; the VAE
+    decodes in fp32 whatever this is)."""
+    compile: bool = False
+    """torch.compile the evaluated UNet (as train.compile)."""
 
     def __post_init__(self):
         require(self.seeds_per_prompt is None or self.seeds_per_prompt >= 1, "seeds_per_prompt", "must be >= 1")

@@ -28,7 +28,7 @@ from sail.engine.diagnostics import write_report
 from sail.engine.io import write_json
 from sail.engine.jobs import base_model_dir, encode_seed_pairs, run_dpo_stage
 from sail.engine.layout import RunLayout
-from sail.engine.models import native_resolution, vae_scale_factor
+from sail.engine.models import native_resolution, use_node_cache, vae_scale_factor
 from sail.engine.manifest import Manifest
 from sail.engine.ranks import Ranks, init_ranks
 from sail.engine.strategy import check_resumable, checkpoint_layout
@@ -78,6 +78,8 @@ class Controller:
 
     def __init__(self, cfg: RunConfig):
         self.ranks = init_ranks(cfg.distributed)     # once per process; each train stage builds its engine on it
+        # ranks sharing a node read each model folder from shared storage once (engine/models.py)
+        use_node_cache(cfg.distributed.node_cache if self.ranks.local_world_size > 1 else None)
         self.world = make_world(cfg)
         self.cfg, self.plan = make_plan(cfg, self.world, self.ranks)
         self.layout = RunLayout.of(cfg)
@@ -323,13 +325,13 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           lambda lay, i: [lay.model(i), lay.train_metrics(i), lay.checkpoints(i), lay.iteration(i) / "sspo"],
           ("train.method", "seed", "model.lora", "model.gradient_checkpointing", "data.empty_prompt_prob", "train.beta",
            "train.loss", "train.steps", "train.global_batch_pairs", "train.clip_grad_norm", "train.optimizer",
-           "train.scheduler", "train.precision", "distributed.deepspeed", "sspo"),
+           "train.scheduler", "train.precision", "train.save_precision", "distributed.deepspeed", "sspo"),
           ("sail.train_steps", "sail.lr", "sail.beta", "sail.loss", "sail.train_reference")),
     Stage("evaluate", Controller.evaluate, "model i (i = -1: the base model), the evaluation prompts",
           "iter_i/eval/ or base_eval/", lambda lay, i: [lay.eval_dir(i)],
           ("eval.seeds_per_prompt", "eval.benchmarks", "eval.scorers", "eval.max_prompts",
-           "eval.sampling", "eval.seed", "eval.chunk_images", "toy.world", "prompts.eval", "model.path",
-           "model.arch")),
+           "eval.sampling", "eval.seed", "eval.chunk_images", "eval.precision", "toy.world", "prompts.eval",
+           "model.path", "model.arch")),
 )}
 
 # Keys no stage's result depends on: where and how the run works, not what it computes. With
@@ -337,12 +339,20 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
 # a field added later must be classified here or in a stage before it can ship.
 FREE_KEYS = ("name", "run_dir", "model.attention", "data.encode_batch_size", "train.save_every",
              "train.keep_checkpoints", "train.log_every", "train.micro_batch_pairs", "train.grad_accum",
+             # threads decoding a shard's images: the serial path's pixels, in its order, whatever the count
+             "data.decode_workers",
              "distributed.backend", "distributed.zero_stage", "distributed.offload_optimizer",
              "distributed.global_batch_pairs", "sail.iterations", "sail.rank_batch_size",
+             # where the DPO reference lives and which copy of a model folder a rank reads: the
+             # same weights in the same dtype either way (a training checkpoint holds the policy only)
+             "distributed.reference", "distributed.reference_memory_fraction", "distributed.node_cache",
              # the prompt sets count by their contents (prompts.pool_<i>, prompts.eval), so a run
              # extended by one more prompt file resumes; the recipe's split checks its own inputs
              "sail.prompt_files", "eval.prompt_files",
-             "eval.enabled", "eval.evaluate_base")
+             "eval.enabled", "eval.evaluate_base",
+             # torch.compile changes how the UNet's kernels are fused, not the model: outputs move
+             # at rounding level (like a thread count), and a compile failure falls back to eager
+             "train.compile", "sail.compile", "eval.compile")
 
 
 def _covered(key: str, prefixes) -> bool:

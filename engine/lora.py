@@ -86,12 +86,14 @@ def adapters_disabled(module: nn.Module):
 def reference_forward(policy: nn.Module, reference: nn.Module | None, *args, **kwargs):
     """The DPO reference prediction: the reference model, or in LoRA mode (``reference is
     None``) the policy with its adapters off. Call under ``torch.no_grad()``."""
+    from sail.engine.compilation import call
+
     if reference is not None:
-        return reference(*args, **kwargs)
+        return call(reference, *args, **kwargs)
     if not _tuner_layers(policy):
         raise RuntimeError("no DPO reference: the strategy holds none and the policy has no LoRA adapters")
     with adapters_disabled(policy):
-        return policy(*args, **kwargs)
+        return call(policy, *args, **kwargs)
 
 
 def merge_lora_state(state: dict, cfg: LoRAConfig) -> dict:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sail.engine.compilation import call
+
 if TYPE_CHECKING:
     from sail.engine.config import SamplingConfig
     from sail.engine.models import Conditioning
@@ -72,7 +74,7 @@ def _sample_chunk(unet, scheduler, x: torch.Tensor, hidden, added, generators, g
         model_in = torch.cat([x, x]) if use_cfg else x
         model_in = scheduler.scale_model_input(model_in, t).to(dtype)
         kwargs = {"added_cond_kwargs": added} if added is not None else {}
-        out = unet(model_in, t, encoder_hidden_states=hidden, **kwargs).sample.float()
+        out = call(unet, model_in, t, encoder_hidden_states=hidden, **kwargs).sample.float()
         if use_cfg:
             uncond_out, cond_out = out.chunk(2)
             out = uncond_out + guidance_scale * (cond_out - uncond_out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sail.engine.compilation import call
 from sail.engine.config import LossConfig, SSPOConfig, TrainConfig
 from sail.engine.data.cache import PairBatch, TrainSet
 from sail.engine.io import write_json
@@ -98,7 +99,7 @@ def dpo_forward(strategy: Strategy, noise_scheduler, batch: PairBatch, t: torch.
                                        "time_ids": torch.cat([batch.time_ids_w, batch.time_ids_l]).to(dev, dtype)}
     x_in = x_t.to(dtype)
     with strategy.autocast():
-        model_pred = strategy.policy(x_in, t2, **kwargs).sample
+        model_pred = call(strategy.policy, x_in, t2, **kwargs).sample
         with torch.no_grad():   # LoRA mode: no reference model, the policy with adapters off
             ref_pred = reference_forward(strategy.policy, strategy.reference, x_in, t2, **kwargs).sample
     return dpo_loss(model_pred, ref_pred, target, beta, self_sampling=self_sampling,

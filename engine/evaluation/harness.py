@@ -132,9 +132,11 @@ class Harness:
         from sail.engine.models import load_components
         from sail.engine.strategy import DTYPES, resolve_precision
 
-        dtype = DTYPES[resolve_precision("auto", self.ranks.device)]
+        from sail.engine.compilation import compile_module
+
+        dtype = DTYPES[resolve_precision(self.cfg.precision, self.ranks.device)]
         comps = load_components(model.path, dtype=dtype)
-        comps.unet.to(self.ranks.device).eval()
+        compile_module(comps.unet.to(self.ranks.device).eval(), "the evaluated UNet", self.cfg.compile)
         for enc in comps.text_encoders:
             enc.to(self.ranks.device)
         if comps.vae is not None:   # decoded in fp32: SDXL's VAE overflows in fp16

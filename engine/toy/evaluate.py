@@ -40,6 +40,10 @@ class EvalSettings:
     """Seed of the evaluation image seeds (the same for every model compared)."""
     grid_prompts: int = 12
     """Rows of the sample grid (first prompts), each showing up to 8 seeds."""
+    precision: str = "fp32"
+    """Weights of the sampled model: fp32, bf16 or fp16 (``eval.precision``, resolved)."""
+    compile: bool = False
+    """torch.compile the UNet (``eval.compile``)."""
 
     def __post_init__(self):
         if self.seeds_per_prompt < 1:
@@ -119,7 +123,11 @@ def evaluate_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, pro
     start = time.time()
     settings = settings or EvalSettings()
     scorers = scorers if scorers is not None else {"oracle": world_scorer("oracle", DEFAULT_ORACLE)}
-    model = load_toy_model(model_dir)
+    from sail.engine.compilation import compile_module
+    from sail.engine.strategy import DTYPES
+
+    model = load_toy_model(model_dir, DTYPES[settings.precision])
+    compile_module(model.unet, "the evaluated UNet", settings.compile)
     k = settings.seeds_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [image_seed(settings.world_seed, EVAL_STREAM, i, j) for i in range(len(prompts)) for j in range(k)]

@@ -144,10 +144,10 @@ class ToyModel:
     path: Path
 
 
-def load_toy_model(folder: str | os.PathLike) -> ToyModel:
+def load_toy_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ToyModel:
     """The four components of a toy (or any SD1.5-style, VAE-less) model folder, frozen and in
-    eval mode, through the engine's one loader (``engine.models.load_components``)."""
-    comps = load_components(folder, with_vae=False)
+    eval mode, in ``dtype``, through the engine's one loader (``engine.models.load_components``)."""
+    comps = load_components(folder, with_vae=False, dtype=dtype)
     unet = comps.unet.eval().requires_grad_(False)
     return ToyModel(unet, comps.text_encoders[0], comps.tokenizers[0], comps.noise_scheduler, Path(folder))
 

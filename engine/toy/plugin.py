@@ -65,9 +65,13 @@ class ToyWorld(World):
         the images sampled data-parallel over ``ranks``."""
         from sail.engine.toy.evaluate import EvalSettings, evaluate_model
 
+        from sail.engine.strategy import resolve_precision
+
         settings = EvalSettings.from_world(self.settings.world)
         if self.cfg.eval.seeds_per_prompt:
             settings.seeds_per_prompt = self.cfg.eval.seeds_per_prompt
+        settings.precision = resolve_precision(self.cfg.eval.precision, ranks.device)
+        settings.compile = self.cfg.eval.compile
         return evaluate_model(model_dir, out, prompts, settings, {"oracle": self.scorer("oracle")}, progress=False,
                               ranks=ranks)
 
