@@ -11,19 +11,6 @@ from sail.engine.config import DistributedConfig, OptimizerConfig, SailConfig, S
 from sail.engine.ranks import single_process
 
 
-@pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory):
-    from sail.engine.models import build_components, save_model_folder
-
-    out = {}
-    for arch in ("tiny-sd15", "tiny-sdxl"):
-        comps = build_components(arch, seed=0)
-        folder = tmp_path_factory.mktemp("models") / arch
-        save_model_folder(folder, comps.unet.state_dict(), dict(comps.unet.config), comps, source=None)
-        out[arch] = str(folder)
-    return out
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())

@@ -275,19 +275,6 @@ def legacy_sample_prompts(comps, model_dir, prompts, seeds, sampling, *, progres
     return latents, cond
 
 
-@pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory):
-    from sail.engine.models import build_components, save_model_folder
-
-    out = {}
-    for arch in ("tiny-sd15", "tiny-sdxl"):
-        comps = build_components(arch, seed=0)
-        folder = tmp_path_factory.mktemp("models") / arch
-        save_model_folder(folder, comps.unet.state_dict(), dict(comps.unet.config), comps, source=None)
-        out[arch] = str(folder)
-    return out
-
-
 @pytest.fixture
 def cond_rows(monkeypatch):
     """The conditioning rows of every sample_conditioned call."""

@@ -171,13 +171,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_zero_worker(tmp_path: Path, runs: list[dict], nprocs: int = 2, timeout: int = 900) -> dict:
-    """Start ``zero_worker`` on ``nprocs`` CPU ranks with the deepspeed launcher; rank 0's result."""
+def launch_zero_worker(tmp_path: Path, runs: list[dict], nprocs: int = 2, timeout: int = 900,
+                       script: Path | None = None) -> dict:
+    """Start ``script``'s worker (default: this file's ``zero_worker``) on ``nprocs`` CPU ranks with
+    the deepspeed launcher, given ``--spec`` (the runs) and ``--out``; rank 0's result."""
     spec, out = tmp_path / "spec.json", tmp_path / "result.json"
     spec.write_text(json.dumps({"runs": runs}))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
-           "--spec", str(spec), "--out", str(out)]
+    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
+           str(script or Path(__file__).resolve()), "--spec", str(spec), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(out.read_text())

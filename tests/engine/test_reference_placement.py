@@ -172,16 +172,9 @@ def placement_worker(spec: dict) -> dict:
 
 
 def launch_placement_worker(tmp_path: Path, runs: list[dict], nprocs: int = 2, timeout: int = 900) -> dict:
-    import subprocess
+    from tests.engine.test_optim import launch_zero_worker
 
-    spec, out = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(json.dumps({"runs": runs}))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
-           "--spec", str(spec), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return json.loads(out.read_text())
+    return launch_zero_worker(tmp_path, runs, nprocs, timeout, script=Path(__file__).resolve())
 
 
 @pytest.mark.slow
